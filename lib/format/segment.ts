@@ -1,0 +1,260 @@
+/**
+ * Segments: append-only files of entries, named by the zero-padded hex seq of their first entry so
+ * that `ls` order is log order. {@linkcode SegmentScanner} reads one, checking every entry;
+ * {@linkcode SegmentAppender} appends to the active one.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import { assert } from "../_assert.ts";
+import { IntegrityError } from "../errors.ts";
+import {
+  decodeEntryHeader,
+  encodeEntryHeader,
+  ENTRY_HEADER_BYTES,
+  ENTRY_MAGIC,
+  ENTRY_PAYLOAD_BYTES_MAX,
+  type EntryHeader,
+  payloadMatches,
+} from "./entry.ts";
+
+/** A segment is sealed once it reaches this size (the entry that crosses it is the last). */
+export const SEGMENT_BYTES_MAX = 64 * 1024 * 1024;
+/** Read buffer of a scanner; it grows to hold one maximal entry when it must. */
+export const SCAN_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Entries up to this payload size are written with their header in one syscall. */
+const COALESCE_PAYLOAD_BYTES_MAX = 256 * 1024;
+
+const SEGMENT_NAME_PATTERN = /^([0-9a-f]{16})\.seg$/;
+
+/** The file name of the segment whose first entry has `firstSeq`: `0000000000000001.seg`. */
+export function segmentFileName(firstSeq: number): string {
+  assert(Number.isSafeInteger(firstSeq) && firstSeq >= 1, `bad first seq ${firstSeq}`);
+  return `${firstSeq.toString(16).padStart(16, "0")}.seg`;
+}
+
+/** The first seq encoded in a segment file name, or undefined if it is not a segment name. */
+export function parseSegmentFileName(name: string): number | undefined {
+  const match = SEGMENT_NAME_PATTERN.exec(name);
+  return match === null ? undefined : parseInt(match[1], 16);
+}
+
+/** One entry read from a segment. `payload` is only valid until the scanner moves on. */
+export interface ScannedEntry {
+  header: EntryHeader;
+  payload: Uint8Array;
+  /** Offset of the entry header within its file. */
+  fileOffsetBytes: number;
+}
+
+/** Options of {@linkcode SegmentScanner}. */
+export interface SegmentScanOptions {
+  /** Stop at this file size (bytes beyond are ignored). Default: the size at open. */
+  endBytes?: number;
+  /**
+   * Treat a bad entry with nothing valid after it as a torn tail (the end of the data) instead of
+   * corruption. True for the active segment; sealed segments must be whole.
+   */
+  tolerateTornTail: boolean;
+  /** Check payload checksums (default true). */
+  verifyPayloads?: boolean;
+  /** Read only headers, skipping payloads (payload is then empty). Implies no payload check. */
+  headersOnly?: boolean;
+}
+
+/**
+ * Reads the entries of one segment file in order, verifying each. After iteration,
+ * {@linkcode SegmentScanner.validBytes} is where the valid data ends and
+ * {@linkcode SegmentScanner.tornBytes} how many bytes after it form a torn tail.
+ */
+export class SegmentScanner {
+  readonly path: string;
+  #options: SegmentScanOptions;
+  #buffer = new Uint8Array(SCAN_BUFFER_BYTES);
+  #validBytes = 0;
+  #tornBytes = 0;
+  #tornProblem: string | undefined;
+
+  constructor(path: string, options: SegmentScanOptions) {
+    this.path = path;
+    this.#options = options;
+  }
+
+  /** End of the last whole entry. */
+  get validBytes(): number {
+    return this.#validBytes;
+  }
+  /** Bytes after {@linkcode validBytes} that were a torn tail (0 when none). */
+  get tornBytes(): number {
+    return this.#tornBytes;
+  }
+  /** What was wrong with the torn tail, for messages. */
+  get tornProblem(): string | undefined {
+    return this.#tornProblem;
+  }
+
+  /** Yields every valid entry; throws {@linkcode IntegrityError} on corruption. */
+  async *entries(): AsyncGenerator<ScannedEntry> {
+    const fd = fs.openSync(this.path, "r");
+    try {
+      const fileBytes = fs.fstatSync(fd).size;
+      const endBytes = this.#options.endBytes ?? fileBytes;
+      if (fileBytes < endBytes) {
+        throw new IntegrityError(
+          `Segment ${this.path} is ${fileBytes} bytes, expected ${endBytes}: it was truncated`,
+          { path: this.path, offsetBytes: fileBytes },
+        );
+      }
+      let position = 0;
+      while (position < endBytes) {
+        const result = this.#readEntryAt(fd, position, endBytes);
+        if (typeof result === "string") {
+          this.#handleBadEntry(fd, position, endBytes, result);
+          return;
+        }
+        yield { header: result.header, payload: result.payload, fileOffsetBytes: position };
+        position += ENTRY_HEADER_BYTES + result.header.payloadBytes;
+        this.#validBytes = position;
+      }
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  #readEntryAt(
+    fd: number,
+    position: number,
+    endBytes: number,
+  ): { header: EntryHeader; payload: Uint8Array } | string {
+    const remaining = endBytes - position;
+    if (remaining < ENTRY_HEADER_BYTES) return "incomplete entry header";
+    readFully(fd, this.#buffer, ENTRY_HEADER_BYTES, position);
+    const decoded = decodeEntryHeader(this.#buffer);
+    if (!decoded.ok) return decoded.problem;
+    const header = decoded.header;
+    if (header.payloadBytes > remaining - ENTRY_HEADER_BYTES) {
+      return "entry extends past end of file";
+    }
+    if (this.#options.headersOnly === true) return { header, payload: new Uint8Array(0) };
+    assert(header.payloadBytes <= ENTRY_PAYLOAD_BYTES_MAX, "payload over limit passed decoder");
+    if (this.#buffer.length < header.payloadBytes) {
+      this.#buffer = new Uint8Array(header.payloadBytes);
+    }
+    const payload = this.#buffer.subarray(0, header.payloadBytes);
+    readFully(fd, payload, header.payloadBytes, position + ENTRY_HEADER_BYTES);
+    if (this.#options.verifyPayloads !== false && !payloadMatches(header, payload)) {
+      return "bad payload checksum";
+    }
+    return { header, payload };
+  }
+
+  #handleBadEntry(fd: number, position: number, endBytes: number, problem: string): void {
+    const laterHeaderAt = this.#options.tolerateTornTail
+      ? findValidHeader(fd, position + 1, endBytes)
+      : position;
+    if (laterHeaderAt === undefined) {
+      this.#tornBytes = endBytes - position;
+      this.#tornProblem = problem;
+      return;
+    }
+    throw new IntegrityError(
+      `Corrupt entry in ${this.path} at offset ${position}: ${problem}` +
+        (laterHeaderAt > position ? ` (valid entries follow at offset ${laterHeaderAt})` : ""),
+      { path: this.path, offsetBytes: position },
+    );
+  }
+}
+
+/** Reads exactly `length` bytes at `position`, looping over short reads. */
+export function readFully(fd: number, target: Uint8Array, length: number, position: number): void {
+  let done = 0;
+  while (done < length) {
+    const n = fs.readSync(fd, target, done, length - done, position + done);
+    if (n === 0) throw new Error(`Unexpected end of file at offset ${position + done}`);
+    done += n;
+  }
+}
+
+/** Writes all of `source[0, length)` at `position`, looping over short writes. */
+export function writeFully(fd: number, source: Uint8Array, length: number, position: number): void {
+  let done = 0;
+  while (done < length) {
+    done += fs.writeSync(fd, source, done, length - done, position + done);
+  }
+}
+
+/** Finds the first offset in [from, end) holding a header that decodes cleanly. */
+function findValidHeader(fd: number, from: number, endBytes: number): number | undefined {
+  const windowBytes = 1024 * 1024;
+  const window = new Uint8Array(windowBytes + ENTRY_HEADER_BYTES);
+  for (let start = from; start < endBytes; start += windowBytes) {
+    const length = Math.min(window.length, endBytes - start);
+    readFully(fd, window, length, start);
+    for (let i = 0; i + ENTRY_HEADER_BYTES <= length && i < windowBytes; i++) {
+      if (window[i] !== ENTRY_MAGIC[0] || window[i + 1] !== ENTRY_MAGIC[1]) continue;
+      if (decodeEntryHeader(window, i).ok) return start + i;
+    }
+  }
+  return undefined;
+}
+
+/** Appends entries to one segment file with positional writes. Not safe for two writers. */
+export class SegmentAppender {
+  readonly path: string;
+  readonly firstSeq: number;
+  #fd: number;
+  #sizeBytes: number;
+  #staging = new Uint8Array(ENTRY_HEADER_BYTES + COALESCE_PAYLOAD_BYTES_MAX);
+
+  private constructor(path: string, firstSeq: number, fd: number, sizeBytes: number) {
+    this.path = path;
+    this.firstSeq = firstSeq;
+    this.#fd = fd;
+    this.#sizeBytes = sizeBytes;
+  }
+
+  /** Opens (creating if needed) the segment at `path`, truncated to `validBytes`. */
+  static open(path: string, firstSeq: number, validBytes: number): SegmentAppender {
+    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
+    fs.ftruncateSync(fd, validBytes);
+    return new SegmentAppender(path, firstSeq, fd, validBytes);
+  }
+
+  /** Current size in bytes. */
+  get sizeBytes(): number {
+    return this.#sizeBytes;
+  }
+
+  /** Writes one entry at the end of the file (to the page cache; {@linkcode sync} makes it durable). */
+  append(header: EntryHeader, payload?: Uint8Array): void {
+    assert((payload?.length ?? 0) === header.payloadBytes, "payload length differs from header");
+    const position = this.#sizeBytes;
+    if (header.payloadBytes <= COALESCE_PAYLOAD_BYTES_MAX) {
+      encodeEntryHeader(header, this.#staging);
+      if (payload !== undefined) this.#staging.set(payload, ENTRY_HEADER_BYTES);
+      writeFully(this.#fd, this.#staging, ENTRY_HEADER_BYTES + header.payloadBytes, position);
+    } else {
+      encodeEntryHeader(header, this.#staging);
+      writeFully(this.#fd, this.#staging, ENTRY_HEADER_BYTES, position);
+      writeFully(this.#fd, payload!, header.payloadBytes, position + ENTRY_HEADER_BYTES);
+    }
+    this.#sizeBytes = position + ENTRY_HEADER_BYTES + header.payloadBytes;
+  }
+
+  /** Waits until everything appended so far is on stable storage. */
+  sync(): Promise<void> {
+    return fdatasync(this.#fd);
+  }
+
+  /** Closes the file (does not sync). */
+  close(): void {
+    fs.closeSync(this.#fd);
+  }
+}
+
+/** fdatasync on libuv's thread pool, so the event loop keeps serving while the disk works. */
+export function fdatasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    fs.fdatasync(fd, (error) => error ? reject(error) : resolve());
+  });
+}
