@@ -13,7 +13,7 @@
  * 32  u32  length in bytes of the affected range (0 for flush and mark)
  * 36  u32  payload bytes that follow the header (write: = length; mark: name bytes; else 0)
  * 40  u32  CRC32C of the payload
- * 44  20×u8 reserved, zero
+ * 44  16×u8 reserved, zero
  * 60  u32  CRC32C of bytes 0..59
  * ```
  * All integers little-endian.
