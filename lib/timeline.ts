@@ -275,3 +275,44 @@ function markHint(timeline: Timeline): string {
     ? "the logdir has no restorable marks"
     : `restorable marks: ${names.slice(-20).join(", ")}`;
 }
+
+/** One entry as `sectorlog log` lists it. */
+export interface EntrySummary {
+  seq: number;
+  timeUs: number;
+  kind: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** The mark's name, for marks. */
+  name?: string;
+}
+
+/** Options of {@linkcode listEntries}. */
+export interface ListEntriesOptions {
+  /** Only entries at or after this time. */
+  fromUs?: number;
+  /** Only entries at or before this time. */
+  toUs?: number;
+}
+
+/** Yields the logdir's entries (headers, and mark names) within a time range, in log order. */
+export async function* listEntries(
+  logdir: string,
+  manifest: Manifest,
+  options: ListEntriesOptions = {},
+): AsyncGenerator<EntrySummary> {
+  const decoder = new TextDecoder();
+  for await (const { header, payload } of readLogEntries(logdir, manifest, { fromSeq: 1 })) {
+    if (options.fromUs !== undefined && header.timeUs < options.fromUs) continue;
+    if (options.toUs !== undefined && header.timeUs > options.toUs) break;
+    const summary: EntrySummary = {
+      seq: header.seq,
+      timeUs: header.timeUs,
+      kind: header.kind,
+      offsetBytes: header.offsetBytes,
+      lengthBytes: header.lengthBytes,
+    };
+    if (header.kind === "mark") summary.name = decoder.decode(payload);
+    yield summary;
+  }
+}

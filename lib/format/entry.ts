@@ -28,7 +28,7 @@ export const ENTRY_HEADER_BYTES = 64;
 /** The entry format version this code writes and reads. */
 export const ENTRY_FORMAT_VERSION = 1;
 /** The magic at the start of every entry header: the ASCII bytes "SLGE". */
-export const ENTRY_MAGIC = new Uint8Array([0x53, 0x4c, 0x47, 0x45]);
+export const ENTRY_MAGIC: Uint8Array = new Uint8Array([0x53, 0x4c, 0x47, 0x45]);
 /** Largest payload one entry may carry: the NBD maximum request size (32 MiB). */
 export const ENTRY_PAYLOAD_BYTES_MAX = 32 * 1024 * 1024;
 /** Largest range a zero or trim entry may cover (u32 on the wire). */
