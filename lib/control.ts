@@ -13,11 +13,13 @@ export const CONTROL_REQUEST_BYTES_MAX = 4096;
 export const CONTROL_REPLY_MS_MAX = 10_000;
 
 /** A request on the control socket. */
-export type ControlRequest = { op: "mark"; name: string } | { op: "status" };
+export type ControlRequest = { op: "mark"; name: string } | { op: "seal" } | { op: "status" };
 
 /** What the writer does with requests. */
 export interface ControlHandlers {
   mark(name: string): Promise<{ seq: number; timeUs: number }>;
+  /** Seals the live segment so that every entry so far is in a sealed segment. */
+  seal(): Promise<{ nextSeq: number }>;
   status(): Record<string, unknown>;
 }
 
@@ -81,6 +83,7 @@ export class ControlServer {
       if (request.op === "mark" && typeof request.name === "string") {
         return { ok: true, ...(await this.#handlers.mark(request.name)) };
       }
+      if (request.op === "seal") return { ok: true, ...(await this.#handlers.seal()) };
       if (request.op === "status") return { ok: true, ...this.#handlers.status() };
       return { ok: false, error: "unknown request" };
     } catch (error) {
@@ -113,6 +116,17 @@ export async function requestMark(
   if (reply === undefined) return undefined;
   if (reply.ok !== true) throw new Error(`The running writer refused the mark: ${reply.error}`);
   return { name, seq: reply.seq as number, timeUs: reply.timeUs as number };
+}
+
+/**
+ * Asks the writer of `logdir` to seal its live segment. Returns the seq the next entry will get,
+ * or undefined when no writer listens there.
+ */
+export async function requestSeal(logdir: string): Promise<{ nextSeq: number } | undefined> {
+  const reply = await request(logdir, { op: "seal" });
+  if (reply === undefined) return undefined;
+  if (reply.ok !== true) throw new Error(`The running writer could not seal: ${reply.error}`);
+  return { nextSeq: reply.nextSeq as number };
 }
 
 /** Sends one request to the control socket of `logdir`; undefined when nobody listens. */

@@ -60,6 +60,10 @@ export async function startWatch(
           const header = await disk.mark(name);
           return { seq: header.seq, timeUs: header.timeUs };
         },
+        seal: async () => {
+          await disk.writer!.rotate();
+          return { nextSeq: disk.writer!.nextSeq };
+        },
         status: () => ({ device: devicePath, nextSeq: disk.writer?.nextSeq, ...disk.stats }),
       });
     }
