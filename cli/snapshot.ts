@@ -5,6 +5,7 @@ import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_out
 
 interface SnapshotFlags {
   force?: boolean;
+  refresh?: boolean;
   hostId?: string;
   json?: boolean;
 }
@@ -15,12 +16,14 @@ export function snapshotCommand(): Command {
     .description("copy a device into a new logdir as its base snapshot (holes stay holes)")
     .argument("<device>", "block device or image file to copy")
     .argument("<logdir>", "log directory to create (or to re-base with --force)")
-    .option("--force", "replace an existing base; history before it is dropped")
+    .option("--refresh", "take a new base of a logdir that has one, also while watch runs")
+    .option("--force", "replace an existing base (same as --refresh)")
     .option("--host-id <id>", "host id recorded in a new logdir (default: hostname)")
     .option("--json", "print a JSON summary on stdout")
     .addHelpText(
       "after",
-      "\nExample:\n  sectorlog snapshot /dev/loop3 /var/lib/sectorlog/vm1\n",
+      "\nExamples:\n  sectorlog snapshot /dev/loop3 /var/lib/sectorlog/vm1\n" +
+        "  sectorlog snapshot --refresh /dev/loop3 /var/lib/sectorlog/vm1   # online, while watch runs\n",
     )
     .action(async (device: string, logdir: string, flags: SnapshotFlags) => {
       const progress = progressBar("snapshot", flags.json !== true);
@@ -28,6 +31,7 @@ export function snapshotCommand(): Command {
       try {
         result = await takeSnapshot(device, logdir, {
           force: flags.force,
+          refresh: flags.refresh,
           hostId: flags.hostId,
           onProgress: (done, total) => progress.update(done, total),
         });

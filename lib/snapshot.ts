@@ -6,7 +6,8 @@
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { Device } from "./device.ts";
-import { UsageError } from "./errors.ts";
+import { requestSeal } from "./control.ts";
+import { BusyError, UsageError } from "./errors.ts";
 import {
   baseFileName,
   ensureLogdirFolders,
@@ -37,6 +38,12 @@ export const SECTOR_BYTES = 512;
 export interface SnapshotOptions {
   /** Replace an existing base; history before the new base is dropped. */
   force?: boolean;
+  /**
+   * Take a new base of a logdir that has one, also while `watch` runs: the running writer seals
+   * its live segment first, and the new base replays the log from that point, so writes that go
+   * on during the copy are exact. History before the new base is dropped.
+   */
+  refresh?: boolean;
   /** Host id recorded in a new logdir (default: the machine's hostname). */
   hostId?: string;
   /** Progress callback, called after every chunk copied. */
@@ -77,12 +84,20 @@ export async function takeSnapshot(
   options: SnapshotOptions = {},
 ): Promise<SnapshotResult> {
   const existing = await readExistingManifest(logdir);
-  if (existing !== undefined && options.force !== true) {
+  if (existing === undefined && options.refresh === true) {
+    throw new UsageError(`Cannot refresh the snapshot of ${logdir}: it has no base snapshot yet`, {
+      hint: `run \`sectorlog snapshot <device> ${logdir}\` without --refresh`,
+    });
+  }
+  if (existing !== undefined && options.force !== true && options.refresh !== true) {
     throw new UsageError(
       `Cannot snapshot into ${logdir}: it already has a base snapshot taken at ${
         formatTimeUtc(existing.base.endedUs)
       }`,
-      { hint: "pass --force to replace it (history before the new base is dropped)" },
+      {
+        hint:
+          "pass --refresh to take a new base (history before it is dropped); it works while watch runs",
+      },
     );
   }
   await Deno.mkdir(logdir, { recursive: true });
@@ -95,9 +110,19 @@ export async function takeSnapshot(
       lock.release();
     }
   }
-  // Replacing a base: hold the writer lock so no entry is appended while the copy runs, and
-  // seal the live segment so every old entry is in a sealed segment that can be dropped.
-  const writer = await LogdirWriter.open(logdir, { purpose: "snapshot" });
+  // Replacing a base: every entry before the copy begins must be in a sealed segment (so it can
+  // be dropped) and on the device (so the copy sees it). With no writer running, hold the writer
+  // lock during the copy; with `watch` running, ask it to seal, and let it append during the copy:
+  // its entries from the seal on are replayed over the new base.
+  let writer: LogdirWriter;
+  try {
+    writer = await LogdirWriter.open(logdir, { purpose: "snapshot" });
+  } catch (error) {
+    if (!(error instanceof BusyError)) throw error;
+    const sealed = await requestSeal(logdir);
+    if (sealed === undefined) throw error;
+    return await snapshotInto(devicePath, logdir, existing, sealed.nextSeq, options);
+  }
   try {
     await writer.rotate();
     return await snapshotInto(devicePath, logdir, existing, writer.nextSeq, options);
@@ -176,6 +201,9 @@ async function installBase(
 ): Promise<void> {
   await withManifestLock(logdir, async () => {
     const current = existing === undefined ? undefined : await readManifest(logdir);
+    // Segments sealed by a running writer during the copy hold entries the new base replays.
+    const kept = (current?.segments ?? []).filter((s) => s.firstSeq >= base.replayFromSeq);
+    const dropped = (current?.segments ?? []).filter((s) => s.firstSeq < base.replayFromSeq);
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
       formatVersion: MANIFEST_FORMAT_VERSION,
@@ -187,14 +215,14 @@ async function installBase(
       base,
       horizonUs: endedUs,
       levels: [],
-      segments: [],
+      segments: kept,
       compactedMarks: [],
     };
     await writeManifest(logdir, manifest);
     if (current === undefined) return;
     removeIfExists(join(logdir, current.base.file));
     for (const level of current.levels) removeIfExists(join(logdir, LEVELS_DIR, level.file));
-    for (const segment of current.segments) {
+    for (const segment of dropped) {
       removeIfExists(join(logdir, SEGMENTS_DIR, segment.file));
     }
   });
