@@ -245,6 +245,27 @@ export class LogdirWriter {
     return header;
   }
 
+  /**
+   * Appends an entry that already has its seq and time (a receiver storing shipped entries).
+   * Its seq must be the next one and its time not earlier than the last entry's; the header is
+   * re-encoded byte-identically, so checksums travel unchanged.
+   */
+  appendExisting(header: EntryHeader, payload?: Uint8Array): void {
+    assert(!this.#closed, "append after close");
+    assert(this.#rotation === undefined, "append during rotation: await ready() first");
+    if (header.seq !== this.#nextSeq || header.timeUs < this.#lastTimeUs) {
+      throw new IntegrityError(
+        `Cannot append entry seq ${header.seq} at ${header.timeUs} µs to ${this.logdir}: expected seq ${this.#nextSeq} at or after ${this.#lastTimeUs} µs`,
+      );
+    }
+    this.#appender.append(header, payload);
+    this.#nextSeq++;
+    this.#lastTimeUs = header.timeUs;
+    if (this.#live.entries === 0) this.#live.firstUs = header.timeUs;
+    this.#live.entries++;
+    this.#live.lastUs = header.timeUs;
+  }
+
   /** Makes every entry appended before the call durable (group commit: one fsync for many). */
   sync(): Promise<void> {
     return this.#syncGroup.request();
