@@ -25,8 +25,9 @@ const noFio = missing("fio");
 async function run(
   command: string,
   args: string[],
+  cwd?: string,
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  const output = await new Deno.Command(command, { args, stdout: "piped", stderr: "piped" })
+  const output = await new Deno.Command(command, { args, cwd, stdout: "piped", stderr: "piped" })
     .output();
   const decoder = new TextDecoder();
   return {
@@ -36,8 +37,8 @@ async function run(
   };
 }
 
-async function mustRun(command: string, args: string[]): Promise<string> {
-  const result = await run(command, args);
+async function mustRun(command: string, args: string[], cwd?: string): Promise<string> {
+  const result = await run(command, args, cwd);
   assert.equal(
     result.code,
     0,
@@ -221,7 +222,9 @@ for (const blockSize of ["4k", "1M"]) {
           "--verify=crc32c",
           "--do_verify=1",
           "--verify_fatal=1",
-        ]);
+          // fio would otherwise leave local-nbd-0-verify.state in its working directory.
+          "--verify_state_save=0",
+        ], t.dir);
         assert.match(output, /err= 0/);
         assert.doesNotMatch(output, /verify: bad|crc32c: verify failed/i);
       } finally {
