@@ -23,9 +23,13 @@ export async function makeImage(
   return bytes;
 }
 
-/** Reads a whole file. */
+/**
+ * Reads a whole file. Returns a plain Uint8Array, not Node's Buffer, whose `slice()` is a view
+ * rather than a copy and would silently alias models taken with `.slice()`.
+ */
 export function readAll(path: string): Uint8Array {
-  return fs.readFileSync(path);
+  const buffer = fs.readFileSync(path);
+  return new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength);
 }
 
 /** A small seeded PRNG (mulberry32), so property tests replay from their printed seed. */
