@@ -1,5 +1,6 @@
 /** `sectorlog restore <logdir> <output> [--at TIME] [--to-flush]`: the image as of a time. */
 import { Command } from "commander";
+import { EXIT_INTEGRITY } from "../lib/errors.ts";
 import { restoreAt } from "../lib/restore.ts";
 import { parseTime } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_output.ts";
@@ -8,6 +9,7 @@ interface RestoreFlags {
   at?: string;
   toFlush?: boolean;
   force?: boolean;
+  stopAtCorruption?: boolean;
   json?: boolean;
 }
 
@@ -20,6 +22,10 @@ export function restoreCommand(): Command {
     .option("--at <time>", "ISO 8601, now, -15m, @<unix-seconds>, seq:<n> or mark:<name>", "now")
     .option("--to-flush", "round down to the last flush at or before TIME (filesystem-consistent)")
     .option("--force", "overwrite an existing file or block device")
+    .option(
+      "--stop-at-corruption",
+      "restore the state just before the first corrupt entry instead of failing (exit 3 still)",
+    )
     .option("--json", "print a JSON summary on stdout")
     .addHelpText(
       "after",
@@ -35,10 +41,21 @@ export function restoreCommand(): Command {
           at,
           toFlush: flags.toFlush,
           force: flags.force,
+          stopAtCorruption: flags.stopAtCorruption,
           onProgress: (done, total) => progress.update(done, total),
         });
       } finally {
         progress.stop();
+      }
+      if (result.stoppedAtCorruption !== undefined) {
+        // The image is usable but older than asked for: say so loudly and exit 3.
+        Deno.exitCode = EXIT_INTEGRITY;
+        say(`sectorlog: warning: ${result.stoppedAtCorruption.message}`);
+        say(
+          `sectorlog: warning: restored only up to seq ${result.targetSeq} (${
+            formatTimeBoth(result.targetUs)
+          }), the last entry before the corruption`,
+        );
       }
       if (flags.json === true) {
         printJson({ command: "restore", ...result });

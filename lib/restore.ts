@@ -30,6 +30,11 @@ export interface RestoreOptions {
   force?: boolean;
   /** The present, for refusing future times (default: the wall clock). */
   nowUs?: number;
+  /**
+   * Treat the first corrupt entry as the end of the log: the image is the state just before it
+   * (reported in {@linkcode RestoreResult.stoppedAtCorruption}) instead of an error.
+   */
+  stopAtCorruption?: boolean;
   /** Called as bytes are copied and entries applied; total is an estimate. */
   onProgress?: (doneBytes: number, totalBytes: number) => void;
 }
@@ -49,6 +54,8 @@ export interface RestoreResult {
   /** Bytes of base data copied (holes excluded). */
   baseDataBytes: number;
   durationMs: number;
+  /** Set when `stopAtCorruption` ended the restore early: what was corrupt, and where. */
+  stoppedAtCorruption?: { message: string; path?: string; offsetBytes?: number };
 }
 
 /**
@@ -77,31 +84,56 @@ export async function restoreAt(
     const base = await copyBase(logdir, manifest, target, progress);
     const levelEntriesApplied = await applyLevels(logdir, manifest, target.fd);
     let entriesApplied = 0;
+    let appliedSeq = point.timeline.applyFromSeq - 1;
+    let lastAppliedUs = manifest.horizonUs;
+    let stoppedAtCorruption: RestoreResult["stoppedAtCorruption"];
     if (point.targetSeq >= point.timeline.applyFromSeq) {
-      const entries = readLogEntries(logdir, manifest, { fromSeq: point.timeline.applyFromSeq });
+      const entries = readLogEntries(logdir, manifest, {
+        fromSeq: point.timeline.applyFromSeq,
+        onCorruption: options.stopAtCorruption === true
+          ? (error) => stoppedAtCorruption = corruptionInfo(error)
+          : undefined,
+      });
       for await (const { header, payload } of entries) {
         if (header.seq > point.targetSeq) break;
         if (applyEntry(target.fd, header, payload)) entriesApplied++;
+        appliedSeq = header.seq;
+        lastAppliedUs = header.timeUs;
         progress.entry(header);
       }
     }
+    if (stoppedAtCorruption === undefined && point.stoppedAtCorruption !== undefined) {
+      stoppedAtCorruption = point.stoppedAtCorruption;
+    }
+    if (appliedSeq < point.timeline.floorSeq) {
+      throw new IntegrityError(
+        `Cannot restore ${logdir}: the log is corrupt before the earliest restorable state (${stoppedAtCorruption?.message})`,
+        { path: stoppedAtCorruption?.path, offsetBytes: stoppedAtCorruption?.offsetBytes },
+      );
+    }
     await fdatasync(target.fd);
     await target.commit();
+    const complete = appliedSeq >= point.targetSeq;
     return {
       output,
-      targetUs: point.targetUs,
-      targetSeq: point.targetSeq,
-      lastEntryUs: point.lastEntryUs,
+      targetUs: complete ? point.targetUs : lastAppliedUs,
+      targetSeq: complete ? point.targetSeq : appliedSeq,
+      lastEntryUs: complete ? point.lastEntryUs : lastAppliedUs,
       deviceBytes: manifest.deviceBytes,
       entriesApplied,
       levelEntriesApplied,
       baseDataBytes: base.dataBytes,
       durationMs: Math.round(performance.now() - startedMs),
+      stoppedAtCorruption,
     };
   } catch (error) {
     target.abort();
     throw error;
   }
+}
+
+function corruptionInfo(error: IntegrityError): NonNullable<RestoreResult["stoppedAtCorruption"]> {
+  return { message: error.message, path: error.path, offsetBytes: error.offsetBytes };
 }
 
 /** Applies one entry to an image; returns false for entries that change no bytes. */

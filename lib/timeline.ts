@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { UsageError } from "./errors.ts";
+import { type IntegrityError, UsageError } from "./errors.ts";
 import { type LogEntry, readLogEntries, readManifest, scanHeaders } from "./format/logdir.ts";
 import type { CompactedMark, Manifest } from "./format/manifest.ts";
 import { formatTimeLocal, formatTimeUtc, nowUs, type TimeSpec } from "./time.ts";
@@ -48,6 +48,8 @@ export interface RestorePoint {
   targetUs: number;
   /** Time of the last entry applied (the horizon when none). */
   lastEntryUs: number;
+  /** With `stopAtCorruption`: the corruption that ended the log early. */
+  stoppedAtCorruption?: { message: string; path?: string; offsetBytes?: number };
 }
 
 /** Options of {@linkcode resolveRestorePoint}. */
@@ -56,6 +58,8 @@ export interface ResolveOptions {
   toFlush?: boolean;
   /** The present, for refusing times in the future (default: the wall clock). */
   nowUs?: number;
+  /** Treat the first corrupt entry as the end of the log instead of failing. */
+  stopAtCorruption?: boolean;
 }
 
 /** The first seq a restore applies after the base and levels. */
@@ -82,7 +86,12 @@ interface ScanState {
   markHit: { seq: number; timeUs: number } | undefined;
 }
 
-async function scan(logdir: string, manifest: Manifest, target: ScanTarget): Promise<ScanState> {
+async function scan(
+  logdir: string,
+  manifest: Manifest,
+  target: ScanTarget,
+  onCorruption?: (error: IntegrityError) => void,
+): Promise<ScanState> {
   const fromSeq = applyFromSeq(manifest);
   const horizonUs = manifest.horizonUs;
   const state: ScanState = {
@@ -112,7 +121,7 @@ async function scan(logdir: string, manifest: Manifest, target: ScanTarget): Pro
       state.flushes++;
       if (inTarget) state.flushAtOrBefore = point;
     }
-  }, { fromSeq });
+  }, { fromSeq, onCorruption });
   return state;
 }
 
@@ -189,7 +198,17 @@ export async function resolveRestorePoint(
     : spec.kind === "seq"
     ? { seq: spec.seq }
     : { markName: spec.name };
-  let state = await scan(logdir, manifest, target);
+  let stoppedAtCorruption: RestorePoint["stoppedAtCorruption"];
+  const onCorruption = options.stopAtCorruption === true
+    ? (error: IntegrityError) => {
+      stoppedAtCorruption = {
+        message: error.message,
+        path: error.path,
+        offsetBytes: error.offsetBytes,
+      };
+    }
+    : undefined;
+  let state = await scan(logdir, manifest, target, onCorruption);
   if (spec?.kind === "mark") {
     const marked = await scanWithMarks(logdir, manifest, target);
     const hit = marked.markHit;
@@ -231,7 +250,7 @@ export async function resolveRestorePoint(
   const targetUs = spec?.kind === "instant" && options.toFlush !== true
     ? spec.timeUs
     : Math.max(lastEntryUs, manifest.horizonUs);
-  return { timeline, targetSeq, targetUs, lastEntryUs };
+  return { timeline, targetSeq, targetUs, lastEntryUs, stoppedAtCorruption };
 }
 
 function checkInWindow(spec: TimeSpec | undefined, timeline: Timeline, presentUs: number): void {

@@ -211,6 +211,11 @@ export interface ReadLogEntriesOptions {
   onTornTail?: (
     info: { path: string; offsetBytes: number; bytes: number; problem: string },
   ) => void;
+  /**
+   * When given, corruption ends the log instead of throwing: the error is passed here and the
+   * entries before it are all that is yielded (`restore --stop-at-corruption`).
+   */
+  onCorruption?: (error: IntegrityError) => void;
 }
 
 /**
@@ -222,6 +227,19 @@ export async function* readLogEntries(
   logdir: string,
   manifest: Manifest,
   options: ReadLogEntriesOptions = {},
+): AsyncGenerator<LogEntry> {
+  try {
+    yield* readLogEntriesStrict(logdir, manifest, options);
+  } catch (error) {
+    if (!(error instanceof IntegrityError) || options.onCorruption === undefined) throw error;
+    options.onCorruption(error);
+  }
+}
+
+async function* readLogEntriesStrict(
+  logdir: string,
+  manifest: Manifest,
+  options: ReadLogEntriesOptions,
 ): AsyncGenerator<LogEntry> {
   const fromSeq = options.fromSeq ?? 1;
   const segments = await listSegments(logdir, manifest);
