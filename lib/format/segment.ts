@@ -95,7 +95,7 @@ export class SegmentScanner {
 
   /** Yields every valid entry; throws {@linkcode IntegrityError} on corruption. */
   async *entries(): AsyncGenerator<ScannedEntry> {
-    const fd = fs.openSync(this.path, "r");
+    const fd = openSegment(this.path);
     try {
       const fileBytes = fs.fstatSync(fd).size;
       const endBytes = this.#options.endBytes ?? fileBytes;
@@ -162,6 +162,19 @@ export class SegmentScanner {
         (laterHeaderAt > position ? ` (valid entries follow at offset ${laterHeaderAt})` : ""),
       { path: this.path, offsetBytes: position },
     );
+  }
+}
+
+/**
+ * Opens a segment for reading. A segment that the manifest or a directory listing named but that
+ * is gone is a hole in the log: an integrity problem to report (exit 3), not an I/O failure.
+ */
+function openSegment(path: string): number {
+  try {
+    return fs.openSync(path, "r");
+  } catch (error) {
+    if ((error as { code?: string }).code !== "ENOENT") throw error;
+    throw new IntegrityError(`Segment ${path} is missing`, { path, cause: error });
   }
 }
 
