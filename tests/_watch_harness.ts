@@ -478,3 +478,126 @@ export async function qemuImgCompare(actual: string, expected: string, what: str
     );
   }
 }
+
+/**
+ * A helper process running in the background (nbdfuse, fio) with its stderr collected.
+ * {@linkcode BackgroundProcess.close} (for `finally`) kills it if it still runs and waits.
+ */
+export class BackgroundProcess {
+  readonly command: string;
+  readonly child: Deno.ChildProcess;
+  #output = "";
+  #outputDone: Promise<void>;
+  #status: Promise<Deno.CommandStatus>;
+  #exited: Deno.CommandStatus | undefined;
+
+  constructor(command: string, args: string[]) {
+    this.command = command;
+    this.child = new Deno.Command(command, {
+      args,
+      cwd: REPO_DIR,
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    this.#outputDone = Promise.all([
+      this.#collect(this.child.stdout),
+      this.#collect(this.child.stderr),
+    ]).then(() => {});
+    this.#status = this.child.status.then((status) => this.#exited = status);
+  }
+
+  async #collect(stream: ReadableStream<Uint8Array>): Promise<void> {
+    const decoder = new TextDecoder();
+    for await (const chunk of stream) this.#output += decoder.decode(chunk, { stream: true });
+    this.#output += decoder.decode();
+  }
+
+  /** Its stdout and stderr so far, interleaved as they arrived. */
+  get output(): string {
+    return this.#output;
+  }
+
+  /** The exit status once it has exited. */
+  get exited(): Deno.CommandStatus | undefined {
+    return this.#exited;
+  }
+
+  /** Waits for it to exit by itself; returns its status. */
+  async wait(): Promise<Deno.CommandStatus> {
+    const status = await this.#status;
+    await this.#outputDone;
+    return status;
+  }
+
+  /** Sends `signal` (if still running) and waits for it to exit. */
+  async stop(signal: Deno.Signal = "SIGTERM"): Promise<Deno.CommandStatus> {
+    if (this.#exited === undefined) {
+      try {
+        this.child.kill(signal);
+      } catch { /* exited meanwhile */ }
+    }
+    return await this.wait();
+  }
+
+  /** For `finally`: SIGKILL if it still runs, then wait; never throws. */
+  async close(): Promise<void> {
+    try {
+      await this.stop("SIGKILL");
+    } catch {
+      // Nothing more to clean up.
+    }
+  }
+}
+
+/** Polls `condition` every 50 ms until it holds; throws `what` after `timeoutMs`. */
+export async function waitFor(
+  condition: () => boolean | Promise<boolean>,
+  what: string,
+  timeoutMs = 30_000,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`Timed out waiting for ${what}`);
+    await sleep(50);
+  }
+}
+
+/**
+ * Undo steps for resources a test sets up in order (watch, nbdfuse, a loop device, a mount):
+ * each step registers its undo once it succeeded; the happy path runs undos explicitly with
+ * {@linkcode Teardown.run}, and `finally` runs what is left with {@linkcode Teardown.runAll}, in
+ * reverse order, each step even when an earlier one failed.
+ */
+export class Teardown {
+  #steps: { name: string; undo: () => Promise<unknown> }[] = [];
+
+  /** Registers `undo` for the resource `name` just set up. */
+  add(name: string, undo: () => Promise<unknown>): void {
+    this.#steps.push({ name, undo });
+  }
+
+  /** Runs and forgets the undo of `name` now (throws if it fails). */
+  async run(name: string): Promise<void> {
+    const index = this.#steps.findLastIndex((step) => step.name === name);
+    if (index < 0) throw new Error(`Teardown has no step ${name}`);
+    const [step] = this.#steps.splice(index, 1);
+    await step.undo();
+  }
+
+  /** Runs every remaining undo, last registered first; throws the failures together at the end. */
+  async runAll(): Promise<void> {
+    const failures: string[] = [];
+    while (this.#steps.length > 0) {
+      const step = this.#steps.pop()!;
+      try {
+        await step.undo();
+      } catch (error) {
+        failures.push(`${step.name}: ${(error as Error).message}`);
+        // Printed too: a failure in `finally` would otherwise hide the test's own error.
+        console.error(`cleanup of ${step.name} failed: ${(error as Error).message}`);
+      }
+    }
+    if (failures.length > 0) throw new Error(`Cleanup failed: ${failures.join("; ")}`);
+  }
+}
