@@ -102,3 +102,34 @@ export function assertBytesEqual(actual: Uint8Array, expected: Uint8Array, what:
     }
   }
 }
+
+/** Every file under `dir` (recursively) by relative path, with its bytes. */
+export async function readTree(dir: string): Promise<Map<string, Uint8Array>> {
+  const files = new Map<string, Uint8Array>();
+  async function visit(relative: string): Promise<void> {
+    for await (const item of Deno.readDir(relative === "" ? dir : `${dir}/${relative}`)) {
+      const path = relative === "" ? item.name : `${relative}/${item.name}`;
+      if (item.isDirectory) await visit(path);
+      else files.set(path, readAll(`${dir}/${path}`));
+    }
+  }
+  await visit("");
+  return files;
+}
+
+/** Throws naming the first file under `dir` that was added, removed or changed since `before`. */
+export async function assertTreeUnchanged(
+  dir: string,
+  before: Map<string, Uint8Array>,
+  what: string,
+): Promise<void> {
+  const after = await readTree(dir);
+  const names = [...new Set([...before.keys(), ...after.keys()])].sort();
+  for (const name of names) {
+    const old = before.get(name);
+    const now = after.get(name);
+    if (old === undefined) throw new Error(`${what}: ${name} was created`);
+    if (now === undefined) throw new Error(`${what}: ${name} was removed`);
+    assertBytesEqual(now, old, `${what}: ${name}`);
+  }
+}
