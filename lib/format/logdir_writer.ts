@@ -35,6 +35,11 @@ export interface LogdirWriterOptions {
   clock?: () => number;
   /** Seal the live segment at this size. */
   segmentBytesMax?: number;
+  /**
+   * The logdir's lock, already held by the caller (a receiver holds it across base installs and
+   * writers). The writer uses it and leaves it held on close; the caller releases it.
+   */
+  lock?: LogdirLock;
 }
 
 /** What {@linkcode LogdirWriter.open} found and repaired. */
@@ -110,12 +115,12 @@ export class LogdirWriter {
    * ```
    */
   static async open(logdir: string, options: LogdirWriterOptions): Promise<LogdirWriter> {
-    const lock = await LogdirLock.acquire(logdir, options.purpose);
+    const lock = options.lock ?? await LogdirLock.acquire(logdir, options.purpose);
     try {
       const manifest = await readManifest(logdir);
       return await LogdirWriter.#recover(logdir, lock, manifest, options);
     } catch (error) {
-      lock.release();
+      if (options.lock === undefined) lock.release();
       throw error;
     }
   }
@@ -320,7 +325,7 @@ export class LogdirWriter {
     } finally {
       this.#closed = true;
       this.#appender.close();
-      this.#lock.release();
+      if (this.#options.lock === undefined) this.#lock.release();
     }
   }
 }
