@@ -77,13 +77,15 @@ function writeNonZeroRuns(bytes: Uint8Array, offsetBytes: number, target: CopyTa
   }
   let written = 0;
   let runStart = -1;
-  for (let block = 0; block <= bytes.length; block += HOLE_BLOCK_BYTES) {
+  // One step past the last block, even a partial one, so that a run reaching the end is written.
+  for (let block = 0; block < bytes.length + HOLE_BLOCK_BYTES; block += HOLE_BLOCK_BYTES) {
+    const runEnd = Math.min(block, bytes.length);
     const end = Math.min(block + HOLE_BLOCK_BYTES, bytes.length);
     const zero = block >= bytes.length || isAllZero(bytes.subarray(block, end));
     if (!zero && runStart < 0) runStart = block;
     if (zero && runStart >= 0) {
-      target.write(offsetBytes + runStart, bytes.subarray(runStart, block));
-      written += block - runStart;
+      target.write(offsetBytes + runStart, bytes.subarray(runStart, runEnd));
+      written += runEnd - runStart;
       runStart = -1;
     }
   }
