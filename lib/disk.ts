@@ -152,6 +152,7 @@ export class LogAssistedDisk implements BlockBackend {
   /** Journals then writes `data` at `offsetBytes`; with `fua` the reply waits for durability. */
   async write(offsetBytes: number, data: Uint8Array, options?: BackendWriteOptions): Promise<void> {
     const writer = this.#requireWriter();
+    this.#assertInDevice(offsetBytes, data.length);
     while (!writer.canAppend) await writer.ready();
     writer.appendSync("write", offsetBytes, data.length, data);
     this.device.write(offsetBytes, data);
@@ -183,6 +184,7 @@ export class LogAssistedDisk implements BlockBackend {
 
   async #zeroLike(kind: "zero" | "trim", offsetBytes: number, lengthBytes: number, fua: boolean) {
     const writer = this.#requireWriter();
+    this.#assertInDevice(offsetBytes, lengthBytes);
     while (!writer.canAppend) await writer.ready();
     writer.appendSync(kind, offsetBytes, lengthBytes);
     this.device.writeZeroes(offsetBytes, lengthBytes);
@@ -233,6 +235,15 @@ export class LogAssistedDisk implements BlockBackend {
     } finally {
       this.device.close();
     }
+  }
+
+  /** Checked before journaling, so an out-of-range call never leaves an entry behind. */
+  #assertInDevice(offsetBytes: number, lengthBytes: number): void {
+    assert(
+      Number.isSafeInteger(offsetBytes) && Number.isSafeInteger(lengthBytes) && offsetBytes >= 0 &&
+        lengthBytes > 0 && offsetBytes + lengthBytes <= this.device.sizeBytes,
+      `range ${offsetBytes}+${lengthBytes} is outside ${this.device.path} (${this.device.sizeBytes} bytes)`,
+    );
   }
 
   #requireWriter(): LogdirWriter {
