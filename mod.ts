@@ -15,6 +15,7 @@
  *
  * @module
  */
+export * from "./lib/compact.ts";
 export * from "./lib/control.ts";
 export * from "./lib/device.ts";
 export * from "./lib/disk.ts";

@@ -9,6 +9,7 @@ import denoJson from "../deno.json" with { type: "json" };
 import { ENTRY_FORMAT_VERSION } from "../lib/format/entry.ts";
 import { MANIFEST_FORMAT_VERSION } from "../lib/format/manifest.ts";
 import { reportError } from "./_errors.ts";
+import { compactCommand } from "./compact.ts";
 import { logCommand } from "./log.ts";
 import { markCommand } from "./mark.ts";
 import { restoreCommand } from "./restore.ts";
@@ -34,6 +35,7 @@ export function buildProgram(): Command {
       snapshotCommand(),
       watchCommand(),
       restoreCommand(),
+      compactCommand(),
       logCommand(),
       verifyCommand(),
       markCommand(),

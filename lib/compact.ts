@@ -1,0 +1,1257 @@
+/**
+ * Compaction (claim 38, DESIGN.md invariant 6): every entry at or before a cut is folded into one
+ * compacted level that holds, for every byte range those entries touched, only its latest state
+ * as of the cut. Earlier entries that later ones cover are dropped, partly covered ones are
+ * trimmed to what is still visible, zero and trim supersede like writes. The horizon moves to the
+ * cut; entries after it are untouched, so `restore --at T` gives the same bytes for every T at or
+ * after the new horizon.
+ *
+ * ```text
+ * base + level  == the device after entry level.cutSeq
+ * levels/<16 hex cutSeq>.lvl   entries in the segment format: write (≤ 1 MiB) and zero only,
+ *                              seq 1..n local to the level, time = the original entry's time,
+ *                              in device offset order
+ * ```
+ *
+ * Crash safety: new files are written under a temporary name, fsynced and renamed; then the
+ * manifest is swapped under the manifest lock (a running writer may have sealed more segments
+ * meanwhile: they are kept); then the old files are removed. Killed at any point, the logdir is in
+ * the old or the new state, and the next run removes what the dead one left behind.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { requestSeal } from "./control.ts";
+import { BusyError, IntegrityError, UsageError } from "./errors.ts";
+import {
+  type Extent,
+  ExtentMap,
+  LEVEL_WRITE_BYTES_MAX,
+  levelRuns,
+  measureLevel,
+} from "./extent_map.ts";
+import {
+  decodeEntryHeader,
+  ENTRY_HEADER_BYTES,
+  type EntryHeader,
+  makeEntryHeader,
+  payloadMatches,
+} from "./format/entry.ts";
+import {
+  LEVELS_DIR,
+  listSegments,
+  MANIFEST_FILE,
+  readLockHolder,
+  readManifest,
+  removeIfExists,
+  SEGMENTS_DIR,
+  syncDirectory,
+  withManifestLock,
+  writeManifest,
+} from "./format/logdir.ts";
+import { LogdirWriter } from "./format/logdir_writer.ts";
+import {
+  type CompactedMark,
+  type LevelInfo,
+  type Manifest,
+  nextSeqAfterSealed,
+  type SegmentInfo,
+} from "./format/manifest.ts";
+import {
+  fdatasync,
+  parseSegmentFileName,
+  readFully,
+  SegmentAppender,
+  segmentFileName,
+  SegmentScanner,
+  writeFully,
+} from "./format/segment.ts";
+import { formatTimeUtc, nowUs } from "./time.ts";
+import { applyFromSeq } from "./timeline.ts";
+
+/** The lock a compaction holds (flock), so that two never run on one logdir. Holds the pid. */
+export const COMPACT_LOCK_FILE = "compact.lock";
+/**
+ * The points of a compaction after which a crash leaves a distinct state on disk, in order. A run
+ * passes every one of them, also when it had nothing to write at that step.
+ */
+export const COMPACT_STEPS = [
+  "sealed",
+  "level-written",
+  "level-renamed",
+  "segment-written",
+  "segment-renamed",
+  "manifest-swapped",
+  "old-file-removed",
+  "old-files-removed",
+] as const;
+/** One of {@linkcode COMPACT_STEPS}. */
+export type CompactStep = (typeof COMPACT_STEPS)[number];
+
+/** Suffix of files a compaction is still writing; any found by the next run are leftovers. */
+const TEMP_SUFFIX = ".compact-tmp";
+const LEVEL_NAME_PATTERN = /^[0-9a-f]{16}\.lvl$/;
+/** Buffer for copying the kept tail of a segment. */
+const COPY_BUFFER_BYTES = 4 * 1024 * 1024;
+/** Source files kept open at once while a level is written. */
+const SOURCE_FDS_MAX = 64;
+/** Entries folded between two progress reports. */
+const PROGRESS_ENTRIES = 1024;
+
+/** The file name of the level that folds every entry up to `cutSeq`: `00000000000004d2.lvl`. */
+export function levelFileName(cutSeq: number): string {
+  return `${cutSeq.toString(16).padStart(16, "0")}.lvl`;
+}
+
+/** Options of {@linkcode compactLogdir}. */
+export interface CompactOptions {
+  /** The cut: fold every entry with a time at or before it (µs since the epoch). */
+  cutUs: number;
+  /**
+   * If the logdir is still larger than this after the cut, move the cut forward until it fits
+   * (reported in {@linkcode CompactResult.maxBytes} and a warning).
+   */
+  maxBytes?: number;
+  /** Keep marks restorable: move the cut back to just before the earliest mark it would lose. */
+  keepMarks?: boolean;
+  /** Plan and measure only; change nothing (no lock, no seal, no files). */
+  dryRun?: boolean;
+  /** The present, for refusing cuts in the future (default: the wall clock). */
+  nowUs?: number;
+  /** Called as entries are folded and level bytes written; the total is an estimate. */
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** Called after each of {@linkcode COMPACT_STEPS} (the CLI's crash-test hook uses it). */
+  onStep?: (step: CompactStep) => void;
+}
+
+/** What `--max-bytes` did. */
+export interface CompactMaxBytes {
+  limitBytes: number;
+  /** True when the cut was moved forward past the requested one to fit. */
+  movedCut: boolean;
+  /** True when the logdir fits the limit after compaction. */
+  fits: boolean;
+}
+
+/** What `--keep-marks` did. */
+export interface CompactKeepMarks {
+  /** The marks kept restorable by moving the cut back. */
+  marks: string[];
+  /** The cut that would have been used without `--keep-marks`. */
+  cutWithoutUs: number;
+  /** Bytes the logdir keeps for those marks (measured by dry runs only). */
+  costBytes?: number;
+}
+
+/** What {@linkcode compactLogdir} did (or, for a dry run, would do). */
+export interface CompactResult {
+  logdir: string;
+  dryRun: boolean;
+  /** False when there was nothing to do: the logdir is unchanged. */
+  changed: boolean;
+  requestedCutUs: number;
+  /** The cut used: the requested one, moved back by `keepMarks` or forward by `maxBytes`. */
+  cutUs: number;
+  /** Every entry up to this seq is folded into the level. */
+  cutSeq: number;
+  previousHorizonUs: number;
+  /** The earliest restorable time after compaction. */
+  horizonUs: number;
+  /** Entries of the log folded into the level by this run. */
+  foldedEntries: number;
+  /** Entries and bytes of the level after the run. */
+  levelEntries: number;
+  levelBytes: number;
+  /** Entries and bytes of the levels and sealed segments compaction worked on, before and after. */
+  entriesBefore: number;
+  entriesAfter: number;
+  bytesBefore: number;
+  bytesAfter: number;
+  reclaimedBytes: number;
+  /** Base data + levels + every segment file (sealed and live), before and after. */
+  logdirBytesBefore: number;
+  logdirBytesAfter: number;
+  /** Marks folded by this run: listed in the manifest, no longer restorable. */
+  compactedMarks: CompactedMark[];
+  /** Who sealed the live segment before the fold ("none": only already sealed entries folded). */
+  sealedVia: "compact" | "watch" | "none";
+  /** Why the live segment was not sealed, when it was not. */
+  sealNote?: string;
+  maxBytes?: CompactMaxBytes;
+  keepMarks?: CompactKeepMarks;
+  /** Things a person should know even from cron (the CLI always prints them). */
+  warnings: string[];
+  /** Files a crashed earlier run left behind, removed by this one. */
+  removedLeftovers: string[];
+  durationMs: number;
+}
+
+/**
+ * Folds the history of `logdir` at or before `options.cutUs` into its compacted level and moves
+ * the horizon there. Takes `logdir/compact.lock` (a second compaction gets a {@linkcode BusyError}
+ * at once), seals the live segment (directly, or through a running `watch`), and only ever reads
+ * or replaces sealed segments, so it runs while a writer appends.
+ *
+ * @example
+ * ```ts
+ * import { compactLogdir } from "./compact.ts";
+ * import { nowUs, parseDuration } from "./time.ts";
+ * const result = await compactLogdir("/var/lib/sectorlog/vm1", {
+ *   cutUs: nowUs() - parseDuration("7d"),
+ * });
+ * console.log(`reclaimed ${result.reclaimedBytes} bytes`);
+ * ```
+ */
+export async function compactLogdir(
+  logdir: string,
+  options: CompactOptions,
+): Promise<CompactResult> {
+  const startedMs = performance.now();
+  const presentUs = options.nowUs ?? nowUs();
+  if (!Number.isSafeInteger(options.cutUs) || options.cutUs > presentUs) {
+    throw new UsageError(
+      `Cannot compact ${logdir} up to ${formatCut(options.cutUs)}: the cut is in the future`,
+      { hint: "use --keep DURATION, or --before a time that has passed" },
+    );
+  }
+  if (options.dryRun === true) {
+    const manifest = await readManifest(logdir);
+    const plan = await planCompaction(logdir, manifest, options, { includeLive: true });
+    return finish(plan, { dryRun: true, startedMs });
+  }
+  await readManifest(logdir); // a clear error for a logdir that is not one, before any lock file
+  const lock = await CompactLock.acquire(logdir);
+  try {
+    const removedLeftovers = await removeLeftovers(logdir);
+    const seal = await sealLiveSegment(logdir);
+    options.onStep?.("sealed");
+    const manifest = await readManifest(logdir);
+    const plan = await planCompaction(logdir, manifest, options, { includeLive: false });
+    plan.seal = seal;
+    plan.removedLeftovers = removedLeftovers;
+    const outcome = await executePlan(logdir, plan, options);
+    return finish(plan, { dryRun: false, startedMs, outcome });
+  } finally {
+    lock.release();
+  }
+}
+
+function formatCut(cutUs: number): string {
+  return Number.isSafeInteger(cutUs) ? formatTimeUtc(cutUs) : String(cutUs);
+}
+
+/** `logdir/compact.lock`, flock'd for the length of a compaction. */
+class CompactLock {
+  #file: Deno.FsFile;
+
+  private constructor(file: Deno.FsFile) {
+    this.#file = file;
+  }
+
+  static async acquire(logdir: string): Promise<CompactLock> {
+    const path = join(logdir, COMPACT_LOCK_FILE);
+    const file = await Deno.open(path, { read: true, write: true, create: true });
+    if (!(await file.tryLock(true))) {
+      file.close();
+      const holder = await readLockHolder(path);
+      throw new BusyError(
+        `Cannot compact ${logdir}: another compaction is running` +
+          (holder === undefined ? ` (it holds ${path})` : ` (pid ${holder.pid}, holds ${path})`),
+        { holderPid: holder?.pid },
+      );
+    }
+    await file.truncate(0);
+    await file.write(new TextEncoder().encode(`${Deno.pid} compact\n`));
+    return new CompactLock(file);
+  }
+
+  release(): void {
+    try {
+      this.#file.truncateSync(0);
+    } finally {
+      this.#file.close();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sealing: bring every entry so far into sealed segments, if the writer lets us.
+
+interface SealOutcome {
+  via: CompactResult["sealedVia"];
+  note?: string;
+  warning?: string;
+}
+
+/**
+ * Seals the live segment: through the control socket of a running `watch`, or by opening the
+ * logdir as its writer for a moment when nobody holds it. When another process holds the lock
+ * and does not answer (a `receive`, a `mark`), only what is already sealed is folded.
+ */
+async function sealLiveSegment(logdir: string): Promise<SealOutcome> {
+  let writer: LogdirWriter;
+  try {
+    writer = await LogdirWriter.open(logdir, { purpose: "compact" });
+  } catch (error) {
+    if (!(error instanceof BusyError)) throw error;
+    try {
+      if (await requestSeal(logdir) !== undefined) return { via: "watch" };
+    } catch (refusal) {
+      return { via: "none", warning: `${(refusal as Error).message}; folding sealed entries only` };
+    }
+    return {
+      via: "none",
+      note: `${error.message}, and it answers no seal request: folding sealed entries only`,
+    };
+  }
+  try {
+    if (await hasUnreplayedChanges(writer)) {
+      // Sealing would hide these entries from the replay the next watch does onto the device.
+      return {
+        via: "none",
+        warning: `The live segment of ${logdir} holds writes after the last flush of a writer ` +
+          `that stopped without flushing; start watch once to replay them onto the device, then ` +
+          `compact again to fold them (folding sealed entries only)`,
+      };
+    }
+    await writer.rotate();
+    return { via: "compact" };
+  } finally {
+    await writer.close();
+  }
+}
+
+/** True when the live segment has changes after its last flush that a watch must replay. */
+async function hasUnreplayedChanges(writer: LogdirWriter): Promise<boolean> {
+  const { segmentPath, validBytes, unflushedFromSeq } = writer.recovery;
+  if (unflushedFromSeq >= writer.nextSeq) return false;
+  const scanner = new SegmentScanner(segmentPath, {
+    tolerateTornTail: false,
+    endBytes: validBytes,
+    headersOnly: true,
+  });
+  for await (const { header } of scanner.entries()) {
+    if (header.seq >= unflushedFromSeq && isChange(header)) return true;
+  }
+  return false;
+}
+
+function isChange(header: EntryHeader): boolean {
+  return header.kind === "write" || header.kind === "zero" || header.kind === "trim";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planning: which entries fold, and what the level holds.
+
+/** A segment file the fold reads. */
+interface SourceSegment {
+  path: string;
+  firstSeq: number;
+  /** Bytes to read (the manifest's size for sealed segments, the size at planning for live). */
+  endBytes: number;
+  entries: number;
+  /** The manifest's record; undefined for a live segment (dry runs only). */
+  info?: SegmentInfo;
+}
+
+interface MarkRef {
+  sourceIndex: number;
+  fileOffsetBytes: number;
+  header: EntryHeader;
+}
+
+interface FoldResult {
+  map: ExtentMap;
+  /** Paths by source index: the levels first, then the segments. */
+  sourcePaths: string[];
+  /** The cut, moved forward by maxBytes if it had to. */
+  cutUs: number;
+  cutSeq: number;
+  lastFoldedUs: number | undefined;
+  foldedEntries: number;
+  /** Entries of the segments whose bytes the new files no longer need (folded or older). */
+  consumedEntries: number;
+  consumedBytes: number;
+  /** The first segment not folded whole, and the offset of its first kept entry. */
+  stopIndex: number;
+  stopOffsetBytes: number;
+  /** Time of the first entry after the cut among the sources. */
+  nextEntryUs: number | undefined;
+  marks: MarkRef[];
+}
+
+interface CompactPlan {
+  logdir: string;
+  manifest: Manifest;
+  segments: SourceSegment[];
+  requestedCutUs: number;
+  /** The cut before `maxBytes` moved it forward. */
+  plannedCutUs: number;
+  maxBytes?: number;
+  fold: FoldResult;
+  /** Marks the fold removes from the log, with their names (read before any file changes). */
+  foldedMarks: CompactedMark[];
+  /** Levels and segments worked on: entries and bytes before. */
+  entriesBefore: number;
+  bytesBefore: number;
+  logdirBytesBefore: number;
+  keepMarks?: CompactKeepMarks;
+  warnings: string[];
+  seal?: SealOutcome;
+  removedLeftovers: string[];
+}
+
+async function planCompaction(
+  logdir: string,
+  manifest: Manifest,
+  options: CompactOptions,
+  scope: { includeLive: boolean },
+): Promise<CompactPlan> {
+  const segments = await sourceSegments(logdir, manifest, scope.includeLive);
+  const levelEntries = manifest.levels.reduce((sum, level) => sum + level.entries, 0);
+  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
+  const logdirBytesBefore = await measureLogdirBytes(logdir, manifest);
+  const warnings: string[] = [];
+  let cutUs = Math.max(options.cutUs, manifest.horizonUs);
+  let keepMarks: CompactKeepMarks | undefined;
+  if (options.keepMarks === true) {
+    const marks = await findMarks(segments, applyFromSeq(manifest), manifest.horizonUs, cutUs);
+    if (marks.length > 0) {
+      keepMarks = { marks: marks.map((mark) => mark.name), cutWithoutUs: cutUs };
+      cutUs = Math.max(manifest.horizonUs, marks[0].timeUs - 1);
+    }
+  }
+  const foldInput = { logdir, manifest, segments, logdirBytesBefore, options };
+  const fold = await foldEntries({ ...foldInput, cutUs });
+  if (keepMarks !== undefined && options.dryRun === true) {
+    const without = await foldEntries({ ...foldInput, cutUs: keepMarks.cutWithoutUs });
+    keepMarks.costBytes = projectedBytes(manifest, fold) - projectedBytes(manifest, without);
+  }
+  if (keepMarks !== undefined && fold.cutUs > cutUs) {
+    const lost = (await findMarks(segments, applyFromSeq(manifest), cutUs, fold.cutUs))
+      .map((mark) => mark.name);
+    if (lost.length > 0) {
+      warnings.push(
+        `--max-bytes moved the cut past marks that --keep-marks would keep: ${lost.join(", ")}`,
+      );
+    }
+  }
+  return {
+    logdir,
+    manifest,
+    segments,
+    requestedCutUs: options.cutUs,
+    plannedCutUs: cutUs,
+    maxBytes: options.maxBytes,
+    fold,
+    foldedMarks: readMarkNames(fold.marks, fold.sourcePaths),
+    entriesBefore: levelEntries + segments.reduce((sum, s) => sum + s.entries, 0),
+    bytesBefore: levelBytes + segments.reduce((sum, s) => sum + s.endBytes, 0),
+    logdirBytesBefore,
+    keepMarks,
+    warnings,
+    removedLeftovers: [],
+  };
+}
+
+/** The sealed segments of `manifest`, and for dry runs the live ones after them. */
+async function sourceSegments(
+  logdir: string,
+  manifest: Manifest,
+  includeLive: boolean,
+): Promise<SourceSegment[]> {
+  const refs = await listSegments(logdir, manifest);
+  const sources: SourceSegment[] = [];
+  for (const [index, ref] of refs.entries()) {
+    if (ref.info !== undefined) {
+      sources.push({
+        path: ref.path,
+        firstSeq: ref.firstSeq,
+        endBytes: ref.info.sizeBytes,
+        entries: ref.info.entries,
+        info: ref.info,
+      });
+    } else if (includeLive) {
+      const endBytes = fs.statSync(ref.path).size;
+      const scanner = new SegmentScanner(ref.path, {
+        tolerateTornTail: index === refs.length - 1,
+        endBytes,
+        headersOnly: true,
+      });
+      let entries = 0;
+      for await (const _ of scanner.entries()) entries++;
+      sources.push({
+        path: ref.path,
+        firstSeq: ref.firstSeq,
+        endBytes: scanner.validBytes,
+        entries,
+      });
+    }
+  }
+  return sources;
+}
+
+/** Base data + levels + every segment file: what `--max-bytes` limits. */
+async function measureLogdirBytes(logdir: string, manifest: Manifest): Promise<number> {
+  let bytes = manifest.base.dataBytes;
+  for (const level of manifest.levels) bytes += level.sizeBytes;
+  for (const ref of await listSegments(logdir, manifest)) {
+    try {
+      bytes += ref.info?.sizeBytes ?? fs.statSync(ref.path).size;
+    } catch { /* a live segment sealed and renamed meanwhile is counted by its manifest entry */ }
+  }
+  return bytes;
+}
+
+/** Bytes of the logdir after folding as `fold` says (exact: measures the level it makes). */
+function projectedBytes(manifest: Manifest, fold: FoldResult): number {
+  if (fold.foldedEntries === 0) return 0;
+  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
+  return measureLevel(fold.map).sizeBytes - levelBytes - fold.consumedBytes;
+}
+
+interface NamedMark {
+  name: string;
+  seq: number;
+  timeUs: number;
+}
+
+/** Marks with seq ≥ `fromSeq` and time in (afterUs, upToUs], in log order (headers, then names). */
+async function findMarks(
+  segments: SourceSegment[],
+  fromSeq: number,
+  afterUs: number,
+  upToUs: number,
+): Promise<NamedMark[]> {
+  const refs: MarkRef[] = [];
+  scan: for (const [index, segment] of segments.entries()) {
+    const scanner = scannerOf(segment, index === segments.length - 1);
+    for await (const { header, fileOffsetBytes } of scanner.entries()) {
+      if (header.timeUs > upToUs) break scan;
+      if (header.kind !== "mark" || header.seq < fromSeq || header.timeUs <= afterUs) continue;
+      refs.push({ sourceIndex: index, fileOffsetBytes, header });
+    }
+  }
+  return readMarkNames(refs, segments.map((segment) => segment.path));
+}
+
+function scannerOf(segment: SourceSegment, isLast: boolean): SegmentScanner {
+  return new SegmentScanner(segment.path, {
+    tolerateTornTail: segment.info === undefined && isLast,
+    endBytes: segment.endBytes,
+    headersOnly: true,
+  });
+}
+
+function readMarkNames(refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
+  const decoder = new TextDecoder();
+  return refs.map(({ sourceIndex, fileOffsetBytes, header }) => {
+    const path = sourcePaths[sourceIndex];
+    const payload = new Uint8Array(header.payloadBytes);
+    const fd = fs.openSync(path, "r");
+    try {
+      readFully(fd, payload, payload.length, fileOffsetBytes + ENTRY_HEADER_BYTES);
+    } finally {
+      fs.closeSync(fd);
+    }
+    if (!payloadMatches(header, payload)) {
+      throw new IntegrityError(
+        `Corrupt entry in ${path} at offset ${fileOffsetBytes}: bad payload checksum`,
+        { path, offsetBytes: fileOffsetBytes },
+      );
+    }
+    return { name: decoder.decode(payload), seq: header.seq, timeUs: header.timeUs };
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fold: old levels, then the entries up to the cut, into one extent map (headers only).
+
+interface FoldInput {
+  logdir: string;
+  manifest: Manifest;
+  segments: SourceSegment[];
+  cutUs: number;
+  logdirBytesBefore: number;
+  options: CompactOptions;
+}
+
+async function foldEntries(input: FoldInput): Promise<FoldResult> {
+  const { logdir, manifest, segments, options } = input;
+  const map = new ExtentMap(manifest.deviceBytes);
+  const sourcePaths = manifest.levels.map((level) => join(logdir, LEVELS_DIR, level.file));
+  for (const [index, level] of manifest.levels.entries()) {
+    await foldLevel(map, sourcePaths[index], level, index);
+  }
+  const result: FoldResult = {
+    map,
+    sourcePaths: [...sourcePaths, ...segments.map((segment) => segment.path)],
+    cutUs: input.cutUs,
+    cutSeq: applyFromSeq(manifest) - 1,
+    lastFoldedUs: undefined,
+    foldedEntries: 0,
+    consumedEntries: 0,
+    consumedBytes: 0,
+    stopIndex: segments.length,
+    stopOffsetBytes: 0,
+    nextEntryUs: undefined,
+    marks: [],
+  };
+  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
+  const totalBytes = segments.reduce((sum, segment) => sum + segment.endBytes, 0);
+  const order = new OrderCheck();
+  for (const [index, segment] of segments.entries()) {
+    const scanner = scannerOf(segment, index === segments.length - 1);
+    for await (const { header, fileOffsetBytes } of scanner.entries()) {
+      order.check(segment.path, header, fileOffsetBytes);
+      const consumedBytes = result.consumedBytes + fileOffsetBytes;
+      if (header.seq >= applyFromSeq(manifest) && header.timeUs > result.cutUs) {
+        const projected = input.logdirBytesBefore - levelBytes - consumedBytes +
+          map.encodedBytesMax;
+        if (options.maxBytes === undefined || projected <= options.maxBytes) {
+          result.stopIndex = index;
+          result.stopOffsetBytes = fileOffsetBytes;
+          result.nextEntryUs = header.timeUs;
+          result.consumedBytes = consumedBytes;
+          return result;
+        }
+        result.cutUs = header.timeUs; // Entries of the same time fold together: no check until then.
+      }
+      foldEntry(result, header, fileOffsetBytes, sourcePaths.length + index, manifest);
+      if (result.consumedEntries % PROGRESS_ENTRIES === 0) {
+        options.onProgress?.(consumedBytes, totalBytes);
+      }
+    }
+    if (segment.info !== undefined) order.checkSealedEnd(segment.path, segment.info);
+    result.consumedBytes += segment.endBytes;
+  }
+  return result;
+}
+
+function foldEntry(
+  result: FoldResult,
+  header: EntryHeader,
+  fileOffsetBytes: number,
+  sourceIndex: number,
+  manifest: Manifest,
+): void {
+  result.consumedEntries++;
+  if (header.seq < applyFromSeq(manifest)) return; // already in the base
+  result.foldedEntries++;
+  result.cutSeq = header.seq;
+  result.lastFoldedUs = header.timeUs;
+  if (header.kind === "mark") {
+    result.marks.push({ sourceIndex, fileOffsetBytes, header });
+    return;
+  }
+  if (!isChange(header)) return;
+  checkInDevice(header, manifest, result.sourcePaths[sourceIndex], fileOffsetBytes);
+  result.map.set(extentOf(header, fileOffsetBytes, sourceIndex));
+}
+
+function extentOf(header: EntryHeader, fileOffsetBytes: number, sourceIndex: number): Extent {
+  const isData = header.kind === "write";
+  return {
+    offsetBytes: header.offsetBytes,
+    lengthBytes: header.lengthBytes,
+    kind: isData ? "data" : "zero",
+    timeUs: header.timeUs,
+    sourceIndex,
+    entryOffsetBytes: fileOffsetBytes,
+    sourceOffsetBytes: isData ? fileOffsetBytes + ENTRY_HEADER_BYTES : 0,
+  };
+}
+
+function checkInDevice(header: EntryHeader, manifest: Manifest, path: string, offset: number) {
+  if (header.offsetBytes + header.lengthBytes > manifest.deviceBytes) {
+    throw new IntegrityError(
+      `Entry in ${path} at offset ${offset} writes ${header.lengthBytes} bytes at ${header.offsetBytes}, past the end of the ${manifest.deviceBytes}-byte device`,
+      { path, offsetBytes: offset },
+    );
+  }
+}
+
+async function foldLevel(map: ExtentMap, path: string, level: LevelInfo, sourceIndex: number) {
+  const scanner = new SegmentScanner(path, {
+    tolerateTornTail: false,
+    endBytes: level.sizeBytes,
+    headersOnly: true,
+  });
+  let entries = 0;
+  for await (const { header, fileOffsetBytes } of scanner.entries()) {
+    entries++;
+    if (header.kind !== "write" && header.kind !== "zero") {
+      throw new IntegrityError(
+        `Level ${path} holds a ${header.kind} entry at offset ${fileOffsetBytes}: levels hold only write and zero entries`,
+        { path, offsetBytes: fileOffsetBytes },
+      );
+    }
+    map.set(extentOf(header, fileOffsetBytes, sourceIndex));
+  }
+  if (entries !== level.entries) {
+    throw new IntegrityError(
+      `Level ${path} holds ${entries} entries, the manifest says ${level.entries}`,
+      { path, offsetBytes: level.sizeBytes },
+    );
+  }
+}
+
+/** Seq increases by one and time never decreases across the segments of the fold. */
+class OrderCheck {
+  #nextSeq: number | undefined;
+  #lastUs = Number.MIN_SAFE_INTEGER;
+
+  check(path: string, header: EntryHeader, fileOffsetBytes: number): void {
+    if (this.#nextSeq !== undefined && header.seq !== this.#nextSeq) {
+      throw new IntegrityError(
+        `Out-of-sequence entry in ${path} at offset ${fileOffsetBytes}: seq ${header.seq}, expected ${this.#nextSeq}`,
+        { path, offsetBytes: fileOffsetBytes },
+      );
+    }
+    if (header.timeUs < this.#lastUs) {
+      throw new IntegrityError(
+        `Time goes backwards in ${path} at offset ${fileOffsetBytes}: seq ${header.seq} has ${header.timeUs} µs, the entry before ${this.#lastUs} µs`,
+        { path, offsetBytes: fileOffsetBytes },
+      );
+    }
+    this.#nextSeq = header.seq + 1;
+    this.#lastUs = header.timeUs;
+  }
+
+  checkSealedEnd(path: string, info: SegmentInfo): void {
+    if (this.#nextSeq !== info.lastSeq + 1) {
+      throw new IntegrityError(
+        `Sealed segment ${path} ends at seq ${
+          (this.#nextSeq ?? info.firstSeq) - 1
+        }, the manifest says ${info.lastSeq}`,
+        { path, offsetBytes: info.sizeBytes },
+      );
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Execution: new files, manifest swap, removal of old files.
+
+interface ExecutionOutcome {
+  changed: boolean;
+  horizonUs: number;
+  level?: LevelInfo;
+}
+
+async function executePlan(
+  logdir: string,
+  plan: CompactPlan,
+  options: CompactOptions,
+): Promise<ExecutionOutcome> {
+  const { fold, manifest } = plan;
+  const step = options.onStep ?? (() => {});
+  if (fold.foldedEntries === 0 && fold.cutUs <= manifest.horizonUs) {
+    return { changed: false, horizonUs: manifest.horizonUs };
+  }
+  const created: string[] = [];
+  let level: LevelInfo | undefined;
+  let straddle: SegmentInfo | undefined;
+  try {
+    level = await writeLevel(logdir, plan, options, step, created);
+    straddle = await rewriteStraddle(logdir, plan, step, created);
+  } catch (error) {
+    // Nothing names these files yet. (After the swap began they are left to the next run's
+    // leftover sweep: a manifest written but not yet synced may already name them.)
+    for (const path of created) removeIfExists(path);
+    throw error;
+  }
+  const swapped = await swapManifest(logdir, plan, level, straddle);
+  if (!swapped.changed) return swapped;
+  step("manifest-swapped");
+  await removeOldFiles(logdir, plan, step);
+  return swapped;
+}
+
+async function writeLevel(
+  logdir: string,
+  plan: CompactPlan,
+  options: CompactOptions,
+  step: (step: CompactStep) => void,
+  created: string[],
+): Promise<LevelInfo | undefined> {
+  if (plan.fold.foldedEntries === 0) {
+    step("level-written");
+    step("level-renamed");
+    return undefined;
+  }
+  const file = levelFileName(plan.fold.cutSeq);
+  const path = join(logdir, LEVELS_DIR, file);
+  const tempPath = path + TEMP_SUFFIX;
+  created.push(tempPath);
+  const written = await writeLevelFile(tempPath, plan.fold, options);
+  step("level-written");
+  created.push(path);
+  await Deno.rename(tempPath, path);
+  await syncDirectory(join(logdir, LEVELS_DIR));
+  step("level-renamed");
+  return {
+    file,
+    cutUs: plan.fold.cutUs,
+    cutSeq: plan.fold.cutSeq,
+    sizeBytes: written.sizeBytes,
+    entries: written.entries,
+  };
+}
+
+/** Writes the level of `fold.map` to `path` and fsyncs it. */
+async function writeLevelFile(
+  path: string,
+  fold: FoldResult,
+  options: CompactOptions,
+): Promise<{ sizeBytes: number; entries: number }> {
+  removeIfExists(path);
+  const appender = SegmentAppender.open(path, 1, 0);
+  const reader = new SourceReader(fold.sourcePaths);
+  const payload = new Uint8Array(LEVEL_WRITE_BYTES_MAX);
+  const totalBytes = fold.map.dataBytes;
+  let doneBytes = 0;
+  let seq = 0;
+  try {
+    for (const run of levelRuns(fold.map)) {
+      seq++;
+      const fields = {
+        seq,
+        timeUs: run.timeUs,
+        offsetBytes: run.offsetBytes,
+        lengthBytes: run.lengthBytes,
+      };
+      if (run.kind === "zero") {
+        appender.append(makeEntryHeader({ kind: "zero", ...fields }));
+        continue;
+      }
+      let at = 0;
+      for (const piece of run.pieces) {
+        reader.read(piece, payload.subarray(at, at + piece.lengthBytes));
+        at += piece.lengthBytes;
+      }
+      const bytes = payload.subarray(0, run.lengthBytes);
+      appender.append(makeEntryHeader({ kind: "write", ...fields }, bytes), bytes);
+      doneBytes += run.lengthBytes;
+      if (seq % 64 === 0) options.onProgress?.(doneBytes, totalBytes);
+    }
+    await appender.sync();
+    return { sizeBytes: appender.sizeBytes, entries: seq };
+  } finally {
+    appender.close();
+    reader.close();
+  }
+}
+
+/**
+ * Reads the bytes of data extents from their source files, checking the payload checksum of every
+ * entry it reads from once (entries of levels and segments alike), so corruption is reported, not
+ * copied into the level under a fresh checksum.
+ */
+class SourceReader {
+  #paths: string[];
+  #fds = new Map<number, number>();
+  #verified = new Map<number, Set<number>>();
+  #header = new Uint8Array(ENTRY_HEADER_BYTES);
+  #payload = new Uint8Array(LEVEL_WRITE_BYTES_MAX);
+  #cached: { sourceIndex: number; entryOffsetBytes: number; payloadBytes: number } | undefined;
+
+  constructor(paths: string[]) {
+    this.#paths = paths;
+  }
+
+  /** Fills `target` with the bytes of `piece`. */
+  read(piece: Extent, target: Uint8Array): void {
+    const fd = this.#fd(piece.sourceIndex);
+    let verified = this.#verified.get(piece.sourceIndex);
+    if (verified === undefined) {
+      verified = new Set();
+      this.#verified.set(piece.sourceIndex, verified);
+    }
+    if (!verified.has(piece.entryOffsetBytes)) {
+      this.#loadEntry(fd, piece);
+      verified.add(piece.entryOffsetBytes);
+    }
+    const cached = this.#cached;
+    if (
+      cached !== undefined && cached.sourceIndex === piece.sourceIndex &&
+      cached.entryOffsetBytes === piece.entryOffsetBytes
+    ) {
+      const start = piece.sourceOffsetBytes - piece.entryOffsetBytes - ENTRY_HEADER_BYTES;
+      target.set(this.#payload.subarray(start, start + piece.lengthBytes));
+      return;
+    }
+    readFully(fd, target, piece.lengthBytes, piece.sourceOffsetBytes);
+  }
+
+  /** Reads and checks the whole entry `piece` comes from, keeping its payload for the next pieces. */
+  #loadEntry(fd: number, piece: Extent): void {
+    const path = this.#paths[piece.sourceIndex];
+    const offset = piece.entryOffsetBytes;
+    readFully(fd, this.#header, ENTRY_HEADER_BYTES, offset);
+    const decoded = decodeEntryHeader(this.#header);
+    const problem = !decoded.ok
+      ? decoded.problem
+      : decoded.header.kind !== "write"
+      ? `expected a write entry, found ${decoded.header.kind}`
+      : undefined;
+    if (problem !== undefined || !decoded.ok) {
+      throw new IntegrityError(`Corrupt entry in ${path} at offset ${offset}: ${problem}`, {
+        path,
+        offsetBytes: offset,
+      });
+    }
+    const header = decoded.header;
+    if (this.#payload.length < header.payloadBytes) {
+      this.#payload = new Uint8Array(header.payloadBytes);
+    }
+    const payload = this.#payload.subarray(0, header.payloadBytes);
+    readFully(fd, payload, header.payloadBytes, offset + ENTRY_HEADER_BYTES);
+    if (!payloadMatches(header, payload)) {
+      throw new IntegrityError(
+        `Corrupt entry in ${path} at offset ${offset}: bad payload checksum`,
+        { path, offsetBytes: offset },
+      );
+    }
+    this.#cached = {
+      sourceIndex: piece.sourceIndex,
+      entryOffsetBytes: offset,
+      payloadBytes: header.payloadBytes,
+    };
+  }
+
+  #fd(sourceIndex: number): number {
+    const open = this.#fds.get(sourceIndex);
+    if (open !== undefined) return open;
+    if (this.#fds.size >= SOURCE_FDS_MAX) {
+      const [oldest, fd] = this.#fds.entries().next().value!;
+      fs.closeSync(fd);
+      this.#fds.delete(oldest);
+    }
+    const fd = fs.openSync(this.#paths[sourceIndex], "r");
+    this.#fds.set(sourceIndex, fd);
+    return fd;
+  }
+
+  close(): void {
+    for (const fd of this.#fds.values()) fs.closeSync(fd);
+    this.#fds.clear();
+  }
+}
+
+/**
+ * Copies the entries after the cut of the segment that straddles it into a new sealed segment
+ * named by its first seq, byte for byte (their checksums travel with them).
+ */
+async function rewriteStraddle(
+  logdir: string,
+  plan: CompactPlan,
+  step: (step: CompactStep) => void,
+  created: string[],
+): Promise<SegmentInfo | undefined> {
+  const { fold, segments } = plan;
+  const source = segments[fold.stopIndex];
+  if (fold.foldedEntries === 0 || source === undefined || fold.stopOffsetBytes === 0) {
+    step("segment-written");
+    step("segment-renamed");
+    return undefined;
+  }
+  const info = source.info!;
+  const firstSeq = fold.cutSeq + 1;
+  const file = segmentFileName(firstSeq);
+  const path = join(logdir, SEGMENTS_DIR, file);
+  const tempPath = path + TEMP_SUFFIX;
+  created.push(tempPath);
+  await copyRange(source.path, fold.stopOffsetBytes, info.sizeBytes, tempPath);
+  step("segment-written");
+  created.push(path);
+  await Deno.rename(tempPath, path);
+  await syncDirectory(join(logdir, SEGMENTS_DIR));
+  step("segment-renamed");
+  return {
+    file,
+    firstSeq,
+    lastSeq: info.lastSeq,
+    firstUs: fold.nextEntryUs!,
+    lastUs: info.lastUs,
+    sizeBytes: info.sizeBytes - fold.stopOffsetBytes,
+    entries: info.lastSeq - fold.cutSeq,
+  };
+}
+
+async function copyRange(from: string, startBytes: number, endBytes: number, to: string) {
+  const input = fs.openSync(from, "r");
+  const output = fs.openSync(to, "w");
+  try {
+    const buffer = new Uint8Array(Math.min(COPY_BUFFER_BYTES, endBytes - startBytes));
+    for (let position = startBytes; position < endBytes; position += buffer.length) {
+      const length = Math.min(buffer.length, endBytes - position);
+      readFully(input, buffer, length, position);
+      writeFully(output, buffer, length, position - startBytes);
+    }
+    await fdatasync(output);
+  } finally {
+    fs.closeSync(input);
+    fs.closeSync(output);
+  }
+}
+
+/**
+ * Replaces the manifest under the manifest lock: re-reads it (a running writer may have sealed
+ * more segments: they are kept) and refuses when anything else changed under the compaction.
+ */
+function swapManifest(
+  logdir: string,
+  plan: CompactPlan,
+  level: LevelInfo | undefined,
+  straddle: SegmentInfo | undefined,
+): Promise<ExecutionOutcome> {
+  const { fold, manifest } = plan;
+  return withManifestLock(logdir, async () => {
+    const fresh = await readManifest(logdir);
+    checkUnchanged(logdir, manifest, fresh);
+    const nextUs = fold.nextEntryUs ?? await firstEntryUsAfter(logdir, fresh, fold.cutSeq);
+    const horizonUs = newHorizonUs(manifest, fold, nextUs);
+    if (level === undefined && horizonUs === manifest.horizonUs) {
+      return { changed: false, horizonUs };
+    }
+    const next: Manifest = {
+      ...fresh,
+      horizonUs,
+      levels: level === undefined ? fresh.levels : [{ ...level, cutUs: horizonUs }],
+      segments: [
+        ...(straddle === undefined ? [] : [straddle]),
+        ...fresh.segments.filter((segment) => segment.firstSeq > fold.cutSeq),
+      ],
+      compactedMarks: [...fresh.compactedMarks, ...plan.foldedMarks],
+    };
+    removeManifestTemps(logdir);
+    await writeManifest(logdir, next);
+    return { changed: true, horizonUs, level: next.levels.at(-1) };
+  });
+}
+
+/**
+ * The new horizon: at the cut, but never before a folded entry (restores at the horizon must see
+ * it) and never after an unfolded entry that is earlier than the cut (a live entry compaction
+ * could not seal): a writer reopening the logdir checks that time does not go back from it.
+ */
+function newHorizonUs(manifest: Manifest, fold: FoldResult, nextUs: number | undefined): number {
+  return Math.max(
+    manifest.horizonUs,
+    fold.lastFoldedUs ?? manifest.horizonUs,
+    Math.min(fold.cutUs, nextUs ?? fold.cutUs),
+  );
+}
+
+function checkUnchanged(logdir: string, planned: Manifest, fresh: Manifest): void {
+  const sameLevels = planned.levels.length === fresh.levels.length &&
+    planned.levels.every((level, i) => level.file === fresh.levels[i].file);
+  const sameSegments = planned.segments.every((segment, i) =>
+    fresh.segments[i]?.file === segment.file && fresh.segments[i].lastSeq === segment.lastSeq
+  );
+  if (
+    fresh.logdirId !== planned.logdirId || fresh.base.file !== planned.base.file ||
+    fresh.horizonUs !== planned.horizonUs || !sameLevels || !sameSegments
+  ) {
+    throw new BusyError(
+      `Cannot compact ${logdir}: its base, levels or sealed segments changed while compaction ran (a new snapshot?); nothing was changed, run compact again`,
+    );
+  }
+}
+
+/** Time of the first entry with seq > `cutSeq` in `manifest`'s segments or the live one. */
+async function firstEntryUsAfter(
+  logdir: string,
+  manifest: Manifest,
+  cutSeq: number,
+): Promise<number | undefined> {
+  const sealed = manifest.segments.find((segment) => segment.lastSeq > cutSeq);
+  if (sealed !== undefined) return sealed.firstUs;
+  const live = (await listSegments(logdir, manifest)).find((segment) => !segment.sealed);
+  if (live === undefined) return undefined;
+  const header = new Uint8Array(ENTRY_HEADER_BYTES);
+  const fd = fs.openSync(live.path, "r");
+  try {
+    if (fs.readSync(fd, header, 0, ENTRY_HEADER_BYTES, 0) < ENTRY_HEADER_BYTES) return undefined;
+  } finally {
+    fs.closeSync(fd);
+  }
+  const decoded = decodeEntryHeader(header);
+  return decoded.ok ? decoded.header.timeUs : undefined;
+}
+
+async function removeOldFiles(
+  logdir: string,
+  plan: CompactPlan,
+  step: (step: CompactStep) => void,
+): Promise<void> {
+  const { fold, manifest, segments } = plan;
+  const old = [
+    ...manifest.levels.map((level) => join(logdir, LEVELS_DIR, level.file)),
+    ...segments.slice(0, fold.stopOffsetBytes > 0 ? fold.stopIndex + 1 : fold.stopIndex)
+      .map((segment) => segment.path),
+  ];
+  if (fold.foldedEntries === 0) old.length = 0;
+  if (old.length > 0) removeIfExists(old[0]);
+  step("old-file-removed");
+  for (const path of old.slice(1)) removeIfExists(path);
+  await syncDirectory(join(logdir, LEVELS_DIR));
+  await syncDirectory(join(logdir, SEGMENTS_DIR));
+  step("old-files-removed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftovers of a compaction that died.
+
+/**
+ * Removes what a killed compaction left: temporary files, levels and segments the manifest does
+ * not name (segments only before the live one), and stray manifest temp files. Runs under the
+ * manifest lock so that no writer seals meanwhile.
+ */
+function removeLeftovers(logdir: string): Promise<string[]> {
+  return withManifestLock(logdir, async () => {
+    const manifest = await readManifest(logdir);
+    const removed: string[] = [];
+    const levels = new Set(manifest.levels.map((level) => level.file));
+    const segments = new Set(manifest.segments.map((segment) => segment.file));
+    const liveFrom = nextSeqAfterSealed(manifest);
+    for (const name of await fileNames(join(logdir, LEVELS_DIR))) {
+      if (name.endsWith(TEMP_SUFFIX) || (LEVEL_NAME_PATTERN.test(name) && !levels.has(name))) {
+        removed.push(join(logdir, LEVELS_DIR, name));
+      }
+    }
+    for (const name of await fileNames(join(logdir, SEGMENTS_DIR))) {
+      const firstSeq = parseSegmentFileName(name);
+      const stale = firstSeq !== undefined && firstSeq < liveFrom && !segments.has(name);
+      if (name.endsWith(TEMP_SUFFIX) || stale) removed.push(join(logdir, SEGMENTS_DIR, name));
+    }
+    for (const path of removed) removeIfExists(path);
+    removed.push(...removeManifestTemps(logdir));
+    if (removed.length > 0) {
+      await syncDirectory(join(logdir, LEVELS_DIR));
+      await syncDirectory(join(logdir, SEGMENTS_DIR));
+      await syncDirectory(logdir);
+    }
+    return removed;
+  });
+}
+
+/** Removes `manifest.json.tmp-*` files; only call under the manifest lock (no swap in flight). */
+function removeManifestTemps(logdir: string): string[] {
+  const removed: string[] = [];
+  for (const name of fs.readdirSync(logdir)) {
+    if (name.startsWith(`${MANIFEST_FILE}.tmp-`)) {
+      removeIfExists(join(logdir, name));
+      removed.push(join(logdir, name));
+    }
+  }
+  return removed;
+}
+
+async function fileNames(dir: string): Promise<string[]> {
+  const names: string[] = [];
+  try {
+    for await (const item of Deno.readDir(dir)) if (item.isFile) names.push(item.name);
+  } catch (error) {
+    if (!(error instanceof Deno.errors.NotFound)) throw error;
+  }
+  return names;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The result.
+
+function finish(
+  plan: CompactPlan,
+  run: { dryRun: boolean; startedMs: number; outcome?: ExecutionOutcome },
+): CompactResult {
+  const { fold, manifest } = plan;
+  const outcome = run.outcome ?? dryRunOutcome(plan);
+  const folded = outcome.changed && fold.foldedEntries > 0;
+  const level = outcome.level ?? manifest.levels.at(-1);
+  let entriesAfter = plan.entriesBefore;
+  let bytesAfter = plan.bytesBefore;
+  if (folded) {
+    entriesAfter += level!.entries - fold.consumedEntries -
+      manifest.levels.reduce((sum, old) => sum + old.entries, 0);
+    bytesAfter += level!.sizeBytes - fold.consumedBytes -
+      manifest.levels.reduce((sum, old) => sum + old.sizeBytes, 0);
+  }
+  const logdirBytesAfter = plan.logdirBytesBefore - plan.bytesBefore + bytesAfter;
+  const warnings = [...plan.warnings];
+  if (plan.seal?.warning !== undefined) warnings.push(plan.seal.warning);
+  return {
+    logdir: plan.logdir,
+    dryRun: run.dryRun,
+    changed: outcome.changed,
+    requestedCutUs: plan.requestedCutUs,
+    cutUs: fold.cutUs,
+    cutSeq: folded ? fold.cutSeq : applyFromSeq(manifest) - 1,
+    previousHorizonUs: manifest.horizonUs,
+    horizonUs: outcome.horizonUs,
+    foldedEntries: folded ? fold.foldedEntries : 0,
+    levelEntries: level?.entries ?? 0,
+    levelBytes: level?.sizeBytes ?? 0,
+    entriesBefore: plan.entriesBefore,
+    entriesAfter,
+    bytesBefore: plan.bytesBefore,
+    bytesAfter,
+    reclaimedBytes: plan.bytesBefore - bytesAfter,
+    logdirBytesBefore: plan.logdirBytesBefore,
+    logdirBytesAfter,
+    compactedMarks: folded ? plan.foldedMarks : [],
+    sealedVia: plan.seal?.via ?? "none",
+    sealNote: plan.seal?.note,
+    maxBytes: maxBytesReport(plan, logdirBytesAfter, warnings),
+    keepMarks: plan.keepMarks,
+    warnings,
+    removedLeftovers: plan.removedLeftovers,
+    durationMs: Math.round(performance.now() - run.startedMs),
+  };
+}
+
+/** What a dry run would do: the same horizon rule, the level measured instead of written. */
+function dryRunOutcome(plan: CompactPlan): ExecutionOutcome {
+  const { fold, manifest } = plan;
+  const horizonUs = newHorizonUs(manifest, fold, fold.nextEntryUs);
+  if (fold.foldedEntries === 0) return { changed: horizonUs > manifest.horizonUs, horizonUs };
+  const measured = measureLevel(fold.map);
+  return {
+    changed: true,
+    horizonUs,
+    level: {
+      file: levelFileName(fold.cutSeq),
+      cutUs: horizonUs,
+      cutSeq: fold.cutSeq,
+      sizeBytes: measured.sizeBytes,
+      entries: measured.entries,
+    },
+  };
+}
+
+/** The `--max-bytes` report, and its warnings: a moved cut and a limit still exceeded. */
+function maxBytesReport(
+  plan: CompactPlan,
+  logdirBytesAfter: number,
+  warnings: string[],
+): CompactMaxBytes | undefined {
+  const limitBytes = plan.maxBytes;
+  if (limitBytes === undefined) return undefined;
+  const movedCut = plan.fold.cutUs > plan.plannedCutUs;
+  const fits = logdirBytesAfter <= limitBytes;
+  if (movedCut) {
+    warnings.push(
+      `--max-bytes ${limitBytes}: moved the cut forward from ${
+        formatTimeUtc(plan.plannedCutUs)
+      } to ${formatTimeUtc(plan.fold.cutUs)} to fit; history before it is no longer restorable`,
+    );
+  }
+  if (!fits) {
+    warnings.push(
+      `--max-bytes ${limitBytes}: the logdir is still ${logdirBytesAfter} bytes after compaction (the base, the level and unsealed entries cannot shrink further)`,
+    );
+  }
+  return { limitBytes, movedCut, fits };
+}
