@@ -33,6 +33,7 @@ const TOOLS = [
   "mount",
   "umount",
   "fsfreeze",
+  "sync",
 ];
 
 async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
