@@ -1,7 +1,9 @@
 /**
  * A real filesystem on `sectorlog watch`: ext4 on a loop device over nbdfuse's file over the NBD
  * socket. Files written before a recorded time are in `restore --at T --to-flush`, files written
- * after are not, and both restores are clean filesystems (fsck) that mount.
+ * after are not, and both restores are clean filesystems (fsck) that mount. A point taken while
+ * ext4 is frozen is clean as it is (`mount -o ro,noload`); a point taken just after `sync` is
+ * crash-consistent (A appears once the journal is replayed).
  *
  * The kernel here has no nbd module, so nbdfuse + losetup stand in for /dev/nbdN.
  */
@@ -80,15 +82,21 @@ async function assertFsckClean(image: string, what: string): Promise<void> {
   assert.equal(result.code, 0, `${what}: fsck.ext4 -fn exited ${result.code}:\n${result.stdout}`);
 }
 
-/** Mounts a restored image read-only (no journal replay) and returns what files A and B hold. */
+/**
+ * Mounts a restored image and returns what files A and B hold: read-only without journal replay
+ * (`ro,noload`, what a clean image needs), or read-write so the kernel replays the journal first
+ * (what a crash-consistent image needs).
+ */
 async function readRestored(
   image: string,
   mountDir: string,
+  options: { replayJournal?: boolean } = {},
 ): Promise<{ a?: string; b?: string }> {
+  const replay = options.replayJournal === true;
   const teardown = new Teardown();
   try {
-    const loop = await attachLoop(teardown, image, true);
-    await mount(teardown, loop, mountDir, "ro,noload");
+    const loop = await attachLoop(teardown, image, !replay);
+    await mount(teardown, loop, mountDir, replay ? undefined : "ro,noload");
     const hash = async (name: string) => {
       try {
         return await sha256Hex(await Deno.readFile(join(mountDir, name)));
@@ -121,6 +129,7 @@ Deno.test({
       const fileB = randomBytes(2 * MiB + 7);
       const shaA = await sha256Hex(fileA);
       const shaB = await sha256Hex(fileB);
+      let timeSynced: string;
       let timeA: string;
 
       const teardown = new Teardown();
@@ -157,6 +166,8 @@ Deno.test({
 
         await Deno.writeFile(join(mountDir, "A"), fileA);
         await runOk("sync", []);
+        // After sync, A is durable but may still live only in the ext4 journal.
+        timeSynced = await timeBetweenPhases(300);
         // A frozen ext4 is clean on disk (journal checkpointed, needs_recovery cleared), so the
         // state at the flush that freezing ends with is one fsck -n accepts.
         await runOk("fsfreeze", ["-f", mountDir]);
@@ -181,6 +192,15 @@ Deno.test({
       const early = await readRestored(atA, mountDir);
       assert.equal(early.a, shaA, "file A in the restore at T");
       assert.equal(early.b, undefined, "file B must not exist in the restore at T");
+
+      // The state right after sync, not frozen, is crash-consistent: a journal replay (a normal
+      // mount) shows A, never B, and leaves a clean filesystem.
+      const synced = join(dir, "restored-synced.img");
+      await runCliOk(["restore", logdir, synced, "--at", timeSynced, "--to-flush"]);
+      const replayed = await readRestored(synced, mountDir, { replayJournal: true });
+      assert.equal(replayed.a, shaA, "file A after journal replay of the restore at sync");
+      assert.equal(replayed.b, undefined, "file B must not exist in the restore at sync");
+      await assertFsckClean(synced, `restore --at ${timeSynced} --to-flush, journal replayed`);
 
       const latest = join(dir, "restored-latest.img");
       await runCliOk(["restore", logdir, latest]);
