@@ -277,7 +277,10 @@ export class WatchProcess {
     this.#status = this.child.status.then((status) => this.#exited = status);
   }
 
-  /** Starts watch and resolves once its socket accepts connections (throws if it exits first). */
+  /**
+   * Starts watch and resolves once it has said it is serving and its socket accepts connections
+   * (throws if it exits first).
+   */
   static async start(
     device: string,
     logdir: string,
@@ -330,13 +333,18 @@ export class WatchProcess {
           `watch exited with code ${this.#exited.code} before listening; stderr:\n${this.#stderrText}`,
         );
       }
-      try {
-        const conn = await Deno.connect({ transport: "unix", path: this.socketPath });
-        conn.close();
-        return;
-      } catch {
-        await sleep(50);
+      // watch prints its recovery report and then "serving …" after it starts listening: wait
+      // for both, so tests can read the report as soon as start() resolves.
+      if (/sectorlog watch: serving /.test(this.#stderrText)) {
+        try {
+          const conn = await Deno.connect({ transport: "unix", path: this.socketPath });
+          conn.close();
+          return;
+        } catch {
+          // Not yet accepting.
+        }
       }
+      await sleep(50);
     }
     throw new Error(`watch did not listen on ${this.socketPath}; stderr:\n${this.#stderrText}`);
   }

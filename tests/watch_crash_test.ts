@@ -217,3 +217,57 @@ Deno.test({
       assert.equal(verify.code, 0, verify.stderr);
     }),
 });
+
+const SIGTERM_UNDER_LOAD = "watch stopped with SIGTERM during fio exits 0 with device = restore";
+Deno.test({
+  name: SIGTERM_UNDER_LOAD,
+  ignore: skipReason(SIGTERM_UNDER_LOAD, ["fio"]) !== undefined,
+  fn: () =>
+    withTempDir(async (dir) => {
+      const device = join(dir, "disk.img");
+      const logdir = join(dir, "log");
+      await makeSparseImage(device, 32 * MiB);
+      await snapshot(device, logdir);
+      const watch = await WatchProcess.start(device, logdir, { socketPath: join(dir, "nbd.sock") });
+      let fio: BackgroundProcess | undefined;
+      try {
+        fio = new BackgroundProcess("fio", [
+          "--name=sigterm",
+          "--ioengine=nbd",
+          `--uri=${watch.uri}`,
+          "--rw=randwrite",
+          "--bs=64k",
+          "--iodepth=16",
+          "--size=24M",
+          "--time_based",
+          "--runtime=120",
+        ]);
+        await waitFor(() => {
+          if (fio!.exited !== undefined) throw new Error(`fio exited early:\n${fio!.output}`);
+          return segmentBytes(logdir) > 8 * MiB;
+        }, "fio to write 8 MiB through watch");
+        // Requests in flight finish, the journal is flushed and sealed, exit code 0.
+        const stderr = await watch.stop();
+        assert.match(stderr, /stopped cleanly/);
+        await waitFor(() => fio!.exited !== undefined, "fio to notice watch stopped", 30_000)
+          .catch(() => {});
+      } finally {
+        await fio?.close();
+        await watch.close();
+      }
+      const verify = await runCli(["verify", logdir]);
+      assert.equal(verify.code, 0, verify.stderr);
+      assert.doesNotMatch(verify.stderr, /torn tail/, "a clean stop leaves no torn tail");
+      const restored = join(dir, "restored.img");
+      await runCliOk(["restore", logdir, restored]);
+      assertFilesEqual(restored, device, "restore (latest) vs device after SIGTERM under load");
+      // Stopped cleanly: the restart has nothing to recover.
+      const again = await WatchProcess.start(device, logdir, { socketPath: join(dir, "nbd.sock") });
+      try {
+        assert.doesNotMatch(again.stderr, /recovered/);
+        await again.stop();
+      } finally {
+        await again.close();
+      }
+    }),
+});
