@@ -22,6 +22,7 @@ import {
   snapshot,
   timeBetweenPhases,
   WatchProcess,
+  which,
   withTempDir,
 } from "./_watch_harness.ts";
 
@@ -252,7 +253,7 @@ Deno.test({
       const seed = Math.floor(Math.random() * 2 ** 31);
       await Deno.writeFile(source, sourceImage(sizeBytes, seed));
       // Punch the zero runs out of the source so nbdcopy sees holes and may send zero requests.
-      await run("fallocate", ["--dig-holes", source]);
+      if (which("fallocate") !== undefined) await runOk("fallocate", ["--dig-holes", source]);
       const watch = await WatchProcess.start(device, logdir, { socketPath });
       try {
         await runOk("nbdcopy", ["--flush", source, watch.uri]);
