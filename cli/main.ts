@@ -12,7 +12,9 @@ import { reportError } from "./_errors.ts";
 import { compactCommand } from "./compact.ts";
 import { logCommand } from "./log.ts";
 import { markCommand } from "./mark.ts";
+import { receiveCommand } from "./receive.ts";
 import { restoreCommand } from "./restore.ts";
+import { shipCommand } from "./ship.ts";
 import { snapshotCommand } from "./snapshot.ts";
 import { verifyCommand } from "./verify.ts";
 import { watchCommand } from "./watch.ts";
@@ -39,6 +41,8 @@ export function buildProgram(): Command {
       logCommand(),
       verifyCommand(),
       markCommand(),
+      shipCommand(),
+      receiveCommand(),
     ]
   ) {
     program.addCommand(command);

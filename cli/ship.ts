@@ -1,0 +1,200 @@
+/** `sectorlog ship <logdir> <host:port> [--follow]`: send a journal to a receiver. */
+import { Command } from "commander";
+import { UsageError } from "../lib/errors.ts";
+import { parseHostPort } from "../lib/ship/address.ts";
+import { loadKeyFile } from "../lib/ship/auth.ts";
+import { type ShipEvent, shipLogdir, type ShipOptions } from "../lib/ship/sender.ts";
+import { formatTimeUtc } from "../lib/time.ts";
+import { parseIntegerOption } from "./_errors.ts";
+import { formatBytes, print, printJson, type Progress, progressBar, say } from "./_output.ts";
+
+interface ShipFlags {
+  follow?: boolean;
+  hostId?: string;
+  keyFile?: string;
+  tls?: boolean;
+  tlsCa?: string;
+  force?: boolean;
+  json?: boolean;
+  reportInterval: string;
+}
+
+/** Builds the `ship` command. */
+export function shipCommand(): Command {
+  return new Command("ship")
+    .description(
+      "send a logdir's base and entries to a `sectorlog receive`, resuming where it stopped",
+    )
+    .argument("<logdir>", "log directory to ship (read only: ship never deletes anything)")
+    .argument("<host:port>", "address of the receiver")
+    .option("--follow", "keep tailing the logdir as watch appends, reconnecting after failures")
+    .option("--host-id <id>", "host id on the receiver (default: the logdir's host id)")
+    .option("--key-file <file>", "prove this shared key to the receiver and require its proof")
+    .option("--tls", "connect with TLS, trusting the system's CA certificates")
+    .option("--tls-ca <file>", "connect with TLS, trusting this CA certificate (PEM)")
+    .option("--force", "replace the receiver's copy of another logdir under the same host id")
+    .option("--json", "print a JSON summary on stdout (with --follow also one line per report)")
+    .option("--report-interval <seconds>", "how often --follow reports lag", "10")
+    .addHelpText(
+      "after",
+      "\nExamples:\n  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --key-file /etc/sectorlog/ship.key\n" +
+        "  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --follow --tls-ca /etc/sectorlog/ca.pem\n" +
+        "\nExit codes: 0 everything acked, 1 network failure, 2 refused (key, host id, identity), 3 corrupt entry, 4 host busy\n",
+    )
+    .action(async (logdir: string, address: string, flags: ShipFlags) => {
+      const target = parseHostPort(address, "<host:port>");
+      const reportMs = parseIntegerOption(flags.reportInterval, "--report-interval") * 1000;
+      if (reportMs < 1000) throw new UsageError("Invalid --report-interval: expected at least 1");
+      const controller = new AbortController();
+      const stopOnSignal = () => controller.abort();
+      if (flags.follow === true) {
+        Deno.addSignalListener("SIGINT", stopOnSignal);
+        Deno.addSignalListener("SIGTERM", stopOnSignal);
+      }
+      const reporter = new ShipReporter(flags, reportMs);
+      const options: ShipOptions = {
+        hostId: flags.hostId,
+        key: flags.keyFile === undefined ? undefined : await loadKeyFile(flags.keyFile),
+        tls: await tlsOptions(flags),
+        force: flags.force,
+        follow: flags.follow,
+        signal: controller.signal,
+        onEvent: (event) => reporter.event(event),
+      };
+      let result;
+      try {
+        result = await shipLogdir(logdir, target, options);
+      } finally {
+        reporter.stop();
+        if (flags.follow === true) {
+          Deno.removeSignalListener("SIGINT", stopOnSignal);
+          Deno.removeSignalListener("SIGTERM", stopOnSignal);
+        }
+      }
+      if (flags.json === true) {
+        printJson({ command: "ship", ...result });
+        return;
+      }
+      say(
+        `sectorlog ship: ${result.target} holds host ${result.hostId} up to seq ${result.lastSeq}: ${result.entriesSent} entries (${
+          formatBytes(result.entryBytesSent)
+        }) sent${
+          result.statesSent > 0 ? `, ${formatBytes(result.baseBytesSent)} of base` : ""
+        } in ${result.durationMs} ms`,
+      );
+    });
+}
+
+async function tlsOptions(flags: ShipFlags): Promise<ShipOptions["tls"]> {
+  if (flags.tlsCa !== undefined) {
+    try {
+      return { caCerts: [await Deno.readTextFile(flags.tlsCa)] };
+    } catch (error) {
+      throw new UsageError(`Cannot read --tls-ca ${flags.tlsCa}: ${(error as Error).message}`);
+    }
+  }
+  return flags.tls === true ? {} : undefined;
+}
+
+/** Turns ship events into stderr lines, a progress bar and (with --json --follow) JSON lines. */
+class ShipReporter {
+  #flags: ShipFlags;
+  #reportMs: number;
+  #bar: Progress | undefined;
+  #lastLineMs = 0;
+  #caughtUpSaid = false;
+
+  constructor(flags: ShipFlags, reportMs: number) {
+    this.#flags = flags;
+    this.#reportMs = reportMs;
+  }
+
+  event(event: ShipEvent): void {
+    switch (event.kind) {
+      case "connected":
+        this.#connected(event);
+        return;
+      case "state":
+        this.#progress(event.doneBytes, event.totalBytes, event.phase);
+        return;
+      case "progress":
+        if (!event.caughtUp) this.#progress(event.ackedBytes, event.totalBytes, "entries");
+        this.#lag(event);
+        return;
+      case "disconnected":
+        this.stop();
+        say(
+          `sectorlog ship: connection lost (${event.error.message}); reconnecting in ${event.retryInMs} ms (attempt ${event.attempt})`,
+        );
+        return;
+    }
+  }
+
+  #connected(event: Extract<ShipEvent, { kind: "connected" }>): void {
+    const { plan, store } = event;
+    const holds = store.present
+      ? `the receiver holds seq ${store.applyFromSeq}..${store.lastSeq}`
+      : "the receiver has no copy yet";
+    if (plan.action === "resume") {
+      say(
+        `sectorlog ship: connected to ${event.address}: ${holds}; sending from seq ${plan.fromSeq}`,
+      );
+      return;
+    }
+    const what = `${
+      plan.baseIncluded ? "the base snapshot" : "no base (the receiver has it)"
+    }, ${plan.levels} level(s) and entries from seq ${plan.fromSeq}`;
+    const why = plan.reason === "compacted"
+      ? "the source was compacted past the receiver's copy"
+      : plan.reason === "replaced"
+      ? "--force: replacing the receiver's copy"
+      : "new host";
+    say(`sectorlog ship: connected to ${event.address}: ${holds}; ${why}: sending ${what}`);
+    if (plan.horizonMove !== undefined) {
+      const from = plan.horizonMove.fromUs === undefined
+        ? "?"
+        : formatTimeUtc(plan.horizonMove.fromUs);
+      say(
+        `sectorlog ship: the receiver's earliest restorable time moves from ${from} to ${
+          formatTimeUtc(plan.horizonMove.toUs)
+        }; history before it is no longer on the receiver`,
+      );
+    }
+  }
+
+  #progress(doneBytes: number, totalBytes: number, label: string): void {
+    if (this.#flags.json === true) return;
+    this.#bar ??= progressBar("ship");
+    this.#bar.update(doneBytes, Math.max(totalBytes, doneBytes));
+    void label;
+  }
+
+  #lag(event: Extract<ShipEvent, { kind: "progress" }>): void {
+    if (this.#flags.follow !== true) return;
+    const now = performance.now();
+    if (event.caughtUp) {
+      this.stop();
+      if (this.#caughtUpSaid && now - this.#lastLineMs < this.#reportMs) return;
+    } else if (now - this.#lastLineMs < this.#reportMs) {
+      return;
+    }
+    this.#caughtUpSaid = event.caughtUp;
+    this.#lastLineMs = now;
+    const lag = event.lag;
+    if (this.#flags.json === true) {
+      print(JSON.stringify({ event: "lag", ackedSeq: event.ackedSeq, ...lag }));
+      return;
+    }
+    if (Deno.stderr.isTerminal() && !event.caughtUp) return;
+    say(
+      `sectorlog ship: acked seq ${event.ackedSeq}; lag ${
+        lag.exact ? "" : "≥ "
+      }${lag.entries} entries, ${formatBytes(lag.bytes)}, ${lag.seconds.toFixed(1)} s`,
+    );
+  }
+
+  stop(): void {
+    this.#bar?.stop();
+    this.#bar = undefined;
+  }
+}

@@ -1,0 +1,472 @@
+/**
+ * One host's copy in a receive store: `storedir/<hostId>/`, an ordinary logdir. A
+ * {@linkcode HostStore} holds the host's writer lock for a whole ship session, appends shipped
+ * entries, and installs a whole new state (base, levels) when the sender transfers one.
+ *
+ * A state is built in `storedir/.incoming-<hostId>/` and swapped in with two renames
+ * (`<hostId>` → `.old-<hostId>-<µs>`, `.incoming-<hostId>` → `<hostId>`), so the host directory
+ * always holds a whole old state or a whole new one. A crash between the renames leaves a complete
+ * `.incoming-<hostId>` (its manifest is written last), which the next claim renames into place.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import { join } from "node:path";
+import { assert } from "../_assert.ts";
+import { Crc32cStream } from "../checksum.ts";
+import { IntegrityError } from "../errors.ts";
+import {
+  ensureLogdirFolders,
+  LEVELS_DIR,
+  LogdirLock,
+  MANIFEST_FILE,
+  readManifest,
+  syncDirectory,
+  writeManifest,
+} from "../format/logdir.ts";
+import { LogdirWriter } from "../format/logdir_writer.ts";
+import {
+  decodeManifest,
+  encodeManifest,
+  type Manifest,
+  MANIFEST_FORMAT,
+  MANIFEST_FORMAT_VERSION,
+} from "../format/manifest.ts";
+import { fdatasync, SegmentScanner, writeFully } from "../format/segment.ts";
+import { applyFromSeq } from "../timeline.ts";
+import { baseId, type StateBegin, type StoreState } from "./_messages.ts";
+import { locateSeq } from "./log_tail.ts";
+import { ProtocolError } from "./wire.ts";
+
+/** The lock purpose the receiver writes into a host's lock file. */
+const LOCK_PURPOSE = "receive";
+const ZERO_BYTES = new Uint8Array(1024 * 1024);
+
+/** Options of {@linkcode HostStore.claim}. */
+export interface HostStoreOptions {
+  /** Seal live segments at this size (tests use small ones). */
+  segmentBytesMax?: number;
+}
+
+/** The directory names a host uses inside the store. */
+export function hostPaths(storedir: string, hostId: string): {
+  hostDir: string;
+  incomingDir: string;
+  oldPrefix: string;
+} {
+  return {
+    hostDir: join(storedir, hostId),
+    incomingDir: join(storedir, `.incoming-${hostId}`),
+    oldPrefix: `.old-${hostId}-`,
+  };
+}
+
+/** A host's copy, claimed (locked) for one session. */
+export class HostStore {
+  readonly storedir: string;
+  readonly hostId: string;
+  readonly hostDir: string;
+  #options: HostStoreOptions;
+  /** The lock of the host directory, or of the incoming directory while there is no copy. */
+  #lock: LogdirLock;
+  #writer: LogdirWriter | undefined;
+  #install: StateInstall | undefined;
+
+  private constructor(
+    storedir: string,
+    hostId: string,
+    lock: LogdirLock,
+    options: HostStoreOptions,
+  ) {
+    this.storedir = storedir;
+    this.hostId = hostId;
+    this.hostDir = hostPaths(storedir, hostId).hostDir;
+    this.#lock = lock;
+    this.#options = options;
+  }
+
+  /**
+   * Takes the host's lock (throws a BusyError when another process holds it), finishes
+   * a swap a crash interrupted, and opens the host's writer when it has a copy.
+   */
+  static async claim(
+    storedir: string,
+    hostId: string,
+    options: HostStoreOptions = {},
+  ): Promise<HostStore> {
+    const paths = hostPaths(storedir, hostId);
+    await recoverInterruptedSwap(storedir, hostId);
+    const hasCopy = fs.existsSync(join(paths.hostDir, MANIFEST_FILE));
+    const lockDir = hasCopy ? paths.hostDir : paths.incomingDir;
+    await Deno.mkdir(lockDir, { recursive: true });
+    const lock = await LogdirLock.acquire(lockDir, LOCK_PURPOSE);
+    const store = new HostStore(storedir, hostId, lock, options);
+    try {
+      if (hasCopy) await store.#openWriter();
+      return store;
+    } catch (error) {
+      lock.release();
+      throw error;
+    }
+  }
+
+  /** The writer, when the host has a copy. */
+  get writer(): LogdirWriter | undefined {
+    return this.#writer;
+  }
+
+  /** What the host's copy holds, for WELCOME. */
+  async state(): Promise<StoreState> {
+    if (this.#writer === undefined) return { present: false, lastSeq: 0, applyFromSeq: 1 };
+    const manifest = await readManifest(this.hostDir);
+    const lastSeq = this.#writer.nextSeq - 1;
+    const state: StoreState = {
+      present: true,
+      logdirId: manifest.logdirId,
+      deviceBytes: manifest.deviceBytes,
+      baseId: baseId(manifest.base),
+      lastSeq,
+      applyFromSeq: applyFromSeq(manifest),
+      horizonUs: manifest.horizonUs,
+    };
+    if (lastSeq >= 1) {
+      const location = await locateSeq(this.hostDir, manifest, lastSeq);
+      if (typeof location !== "string") state.lastHeaderCrc32c = location.headerCrc32c;
+    }
+    return state;
+  }
+
+  /** Starts installing a new state in the incoming directory. */
+  async beginState(begin: StateBegin): Promise<StateInstall> {
+    assert(this.#install === undefined, "a state install is already running");
+    const paths = hostPaths(this.storedir, this.hostId);
+    let incomingLock = this.#writer === undefined ? this.#lock : undefined;
+    if (incomingLock === undefined) {
+      await Deno.mkdir(paths.incomingDir, { recursive: true });
+      incomingLock = await LogdirLock.acquire(paths.incomingDir, LOCK_PURPOSE);
+    }
+    try {
+      await clearIncoming(paths.incomingDir);
+      await ensureLogdirFolders(paths.incomingDir);
+      const current = this.#writer === undefined ? undefined : await readManifest(this.hostDir);
+      this.#install = new StateInstall(this, paths.incomingDir, incomingLock, begin, current);
+      await this.#install.start();
+      return this.#install;
+    } catch (error) {
+      if (incomingLock !== this.#lock) incomingLock.release();
+      this.#install = undefined;
+      throw error;
+    }
+  }
+
+  /** Swaps a finished install in (called by {@linkcode StateInstall.commit}). */
+  async swapIn(install: StateInstall, incomingLock: LogdirLock): Promise<void> {
+    assert(this.#install === install, "swapIn of an install that is not running");
+    const paths = hostPaths(this.storedir, this.hostId);
+    if (this.#writer !== undefined) {
+      await this.#writer.close();
+      this.#writer = undefined;
+    }
+    let oldDir: string | undefined;
+    if (fs.existsSync(paths.hostDir)) {
+      oldDir = join(this.storedir, `${paths.oldPrefix}${Date.now() * 1000}`);
+      await Deno.rename(paths.hostDir, oldDir);
+    }
+    await Deno.rename(paths.incomingDir, paths.hostDir);
+    await syncDirectory(this.storedir);
+    if (this.#lock !== incomingLock) this.#lock.release();
+    this.#lock = incomingLock;
+    this.#install = undefined;
+    if (oldDir !== undefined) await Deno.remove(oldDir, { recursive: true });
+    await this.#openWriter();
+  }
+
+  /** Forgets a failed install; its files stay in the incoming directory until the next one. */
+  abandonState(install: StateInstall, incomingLock: LogdirLock): void {
+    if (this.#install !== install) return;
+    this.#install = undefined;
+    if (incomingLock !== this.#lock) incomingLock.release();
+  }
+
+  async #openWriter(): Promise<void> {
+    this.#writer = await LogdirWriter.open(this.hostDir, {
+      purpose: LOCK_PURPOSE,
+      lock: this.#lock,
+      segmentBytesMax: this.#options.segmentBytesMax,
+    });
+  }
+
+  /** Syncs and closes the writer and releases the locks. */
+  async close(): Promise<void> {
+    try {
+      await this.#install?.abort();
+      if (this.#writer !== undefined) await this.#writer.close();
+    } finally {
+      this.#writer = undefined;
+      this.#lock.release();
+    }
+  }
+}
+
+/** Renames a complete incoming directory into place after a crash between the swap's renames. */
+async function recoverInterruptedSwap(storedir: string, hostId: string): Promise<void> {
+  const paths = hostPaths(storedir, hostId);
+  const incomingComplete = fs.existsSync(join(paths.incomingDir, MANIFEST_FILE));
+  if (!fs.existsSync(paths.hostDir) && incomingComplete) {
+    await Deno.rename(paths.incomingDir, paths.hostDir);
+    await syncDirectory(storedir);
+  }
+  for (const entry of fs.readdirSync(storedir)) {
+    if (entry.startsWith(paths.oldPrefix) && /^\d+$/.test(entry.slice(paths.oldPrefix.length))) {
+      await Deno.remove(join(storedir, entry), { recursive: true });
+    }
+  }
+}
+
+/** Empties an incoming directory except its lock file. */
+async function clearIncoming(dir: string): Promise<void> {
+  for await (const entry of Deno.readDir(dir)) {
+    if (entry.name === "lock") continue;
+    await Deno.remove(join(dir, entry.name), { recursive: true });
+  }
+}
+
+/**
+ * A state being received: the base (streamed into a sparse file, checked against its CRC32C) and
+ * the levels (streamed, then scanned entry by entry), then the manifest, then the swap.
+ */
+export class StateInstall {
+  readonly begin: StateBegin;
+  #store: HostStore;
+  #dir: string;
+  #lock: LogdirLock;
+  #current: Manifest | undefined;
+  #base: FileReceive | undefined;
+  #baseDone = false;
+  #levelIndex = 0;
+  #level: FileReceive | undefined;
+
+  constructor(
+    store: HostStore,
+    dir: string,
+    lock: LogdirLock,
+    begin: StateBegin,
+    current: Manifest | undefined,
+  ) {
+    this.#store = store;
+    this.#dir = dir;
+    this.#lock = lock;
+    this.begin = begin;
+    this.#current = current;
+  }
+
+  /** Opens the base file, or links the base the host already holds. */
+  async start(): Promise<void> {
+    const base = this.begin.base;
+    const path = join(this.#dir, base.file);
+    if (this.begin.baseIncluded) {
+      this.#base = await FileReceive.open(`${path}.partial`, this.begin.deviceBytes, true);
+      return;
+    }
+    const current = this.#current;
+    if (current === undefined || baseId(current.base) !== baseId(base)) {
+      throw new ProtocolError(
+        `STATE_BEGIN says the receiver holds base ${
+          baseId(base)
+        }, but host ${this.#store.hostId} has ${
+          current === undefined ? "no base" : baseId(current.base)
+        }`,
+      );
+    }
+    await Deno.link(join(this.#store.hostDir, current.base.file), path);
+    this.#baseDone = true;
+  }
+
+  /** Writes one decompressed base chunk. */
+  async baseChunk(offsetBytes: number, raw: Uint8Array): Promise<void> {
+    if (this.#base === undefined || this.#baseDone) {
+      throw new ProtocolError("BASE_CHUNK outside a base transfer");
+    }
+    await this.#base.write(offsetBytes, raw, false);
+  }
+
+  /** Checks and finishes the base. */
+  async baseEnd(crc32c: string): Promise<void> {
+    if (this.#base === undefined || this.#baseDone) {
+      throw new ProtocolError("BASE_END outside a base transfer");
+    }
+    const actual = await this.#base.finish();
+    const expected = this.begin.base.crc32c;
+    if (actual !== expected || crc32c !== expected) {
+      throw new IntegrityError(
+        `Base of host ${this.#store.hostId} arrived with crc32c ${actual}, expected ${expected}`,
+      );
+    }
+    await Deno.rename(
+      `${join(this.#dir, this.begin.base.file)}.partial`,
+      join(this.#dir, this.begin.base.file),
+    );
+    this.#baseDone = true;
+  }
+
+  /** Starts receiving level `index` (levels arrive in manifest order). */
+  async levelBegin(file: string): Promise<void> {
+    const level = this.begin.levels[this.#levelIndex];
+    if (
+      !this.#baseDone || this.#level !== undefined || level === undefined || level.file !== file
+    ) {
+      throw new ProtocolError(`LEVEL_BEGIN of ${file} out of order`);
+    }
+    const path = join(this.#dir, LEVELS_DIR, `${level.file}.partial`);
+    this.#level = await FileReceive.open(path, level.sizeBytes, false);
+  }
+
+  /** Writes one decompressed level chunk (chunks arrive in order, without holes). */
+  async levelChunk(offsetBytes: number, raw: Uint8Array): Promise<void> {
+    if (this.#level === undefined) throw new ProtocolError("LEVEL_CHUNK outside a level transfer");
+    await this.#level.write(offsetBytes, raw, true);
+  }
+
+  /** Checks and finishes the current level. */
+  async levelEnd(crc32c: string): Promise<void> {
+    const level = this.begin.levels[this.#levelIndex];
+    if (this.#level === undefined || level === undefined) {
+      throw new ProtocolError("LEVEL_END outside a level transfer");
+    }
+    const receive = this.#level;
+    this.#level = undefined;
+    const actual = await receive.finish();
+    if (receive.receivedBytes !== level.sizeBytes || actual !== crc32c) {
+      throw new IntegrityError(
+        `Level ${level.file} of host ${this.#store.hostId} arrived with ${receive.receivedBytes} bytes and crc32c ${actual}, expected ${level.sizeBytes} bytes and ${crc32c}`,
+      );
+    }
+    const path = join(this.#dir, LEVELS_DIR, level.file);
+    await Deno.rename(`${path}.partial`, path);
+    const scanner = new SegmentScanner(path, {
+      tolerateTornTail: false,
+      endBytes: level.sizeBytes,
+    });
+    for await (const _ of scanner.entries()) {
+      // Every entry's checksums are checked by the scan itself.
+    }
+    this.#levelIndex++;
+  }
+
+  /** Writes the manifest and swaps the new state in. Returns the new manifest. */
+  async commit(): Promise<Manifest> {
+    if (!this.#baseDone || this.#level !== undefined) {
+      throw new ProtocolError("STATE_END before the base and levels were complete");
+    }
+    if (this.#levelIndex !== this.begin.levels.length) {
+      throw new ProtocolError(
+        `STATE_END after ${this.#levelIndex} of ${this.begin.levels.length} levels`,
+      );
+    }
+    const b = this.begin;
+    const candidate: Manifest = {
+      format: MANIFEST_FORMAT,
+      formatVersion: MANIFEST_FORMAT_VERSION,
+      logdirId: b.logdirId,
+      hostId: this.#store.hostId,
+      createdUs: b.createdUs,
+      deviceBytes: b.deviceBytes,
+      sectorBytes: b.sectorBytes,
+      base: b.base,
+      horizonUs: b.horizonUs,
+      levels: b.levels,
+      segments: [],
+      compactedMarks: b.compactedMarks,
+    };
+    let manifest: Manifest;
+    try {
+      manifest = decodeManifest(encodeManifest(candidate), "STATE_BEGIN");
+    } catch (error) {
+      throw new ProtocolError((error as Error).message);
+    }
+    await syncDirectory(join(this.#dir, LEVELS_DIR));
+    await syncDirectory(this.#dir);
+    await writeManifest(this.#dir, manifest);
+    await this.#store.swapIn(this, this.#lock);
+    return manifest;
+  }
+
+  /** Closes open files of an unfinished install. */
+  async abort(): Promise<void> {
+    this.#base?.close();
+    this.#level?.close();
+    this.#store.abandonState(this, this.#lock);
+    await Promise.resolve();
+  }
+}
+
+/** A file arriving in chunks at increasing offsets; the CRC32C counts the holes as zeroes. */
+class FileReceive {
+  readonly path: string;
+  readonly sizeBytes: number;
+  #fd: number | undefined;
+  #crc: Crc32cStream;
+  #crcBytes = 0;
+  receivedBytes = 0;
+
+  private constructor(path: string, sizeBytes: number, fd: number, crc: Crc32cStream) {
+    this.path = path;
+    this.sizeBytes = sizeBytes;
+    this.#fd = fd;
+    this.#crc = crc;
+  }
+
+  static async open(path: string, sizeBytes: number, sparse: boolean): Promise<FileReceive> {
+    const crc = new Crc32cStream();
+    await crc.init();
+    const fd = fs.openSync(path, "w");
+    if (sparse) fs.ftruncateSync(fd, sizeBytes);
+    return new FileReceive(path, sizeBytes, fd, crc);
+  }
+
+  async write(offsetBytes: number, raw: Uint8Array, contiguous: boolean): Promise<void> {
+    assert(this.#fd !== undefined, "write after close");
+    if (offsetBytes < this.#crcBytes || (contiguous && offsetBytes !== this.#crcBytes)) {
+      throw new ProtocolError(
+        `Chunk at offset ${offsetBytes} of ${this.path} arrived out of order (expected ${
+          contiguous ? "" : "at or after "
+        }${this.#crcBytes})`,
+      );
+    }
+    if (raw.length === 0 || offsetBytes + raw.length > this.sizeBytes) {
+      throw new ProtocolError(
+        `Chunk of ${raw.length} bytes at offset ${offsetBytes} does not fit ${this.path} (${this.sizeBytes} bytes)`,
+      );
+    }
+    await this.#crcZeroesUpTo(offsetBytes);
+    writeFully(this.#fd, raw, raw.length, offsetBytes);
+    this.#crc.update(raw);
+    this.#crcBytes = offsetBytes + raw.length;
+    this.receivedBytes += raw.length;
+  }
+
+  async #crcZeroesUpTo(offsetBytes: number): Promise<void> {
+    let chunks = 0;
+    while (this.#crcBytes < offsetBytes) {
+      const bytes = Math.min(ZERO_BYTES.length, offsetBytes - this.#crcBytes);
+      this.#crc.update(ZERO_BYTES.subarray(0, bytes));
+      this.#crcBytes += bytes;
+      // A long hole costs CPU; let other hosts' sessions run between megabytes of it.
+      if (++chunks % 64 === 0) await new Promise((resolve) => setTimeout(resolve, 0));
+    }
+  }
+
+  /** Syncs and closes the file; returns the CRC32C of all of it. */
+  async finish(): Promise<string> {
+    assert(this.#fd !== undefined, "finish after close");
+    await this.#crcZeroesUpTo(this.sizeBytes);
+    await fdatasync(this.#fd);
+    this.close();
+    return this.#crc.digestHex();
+  }
+
+  close(): void {
+    if (this.#fd !== undefined) fs.closeSync(this.#fd);
+    this.#fd = undefined;
+  }
+}
