@@ -18,7 +18,10 @@ export type ControlRequest = { op: "mark"; name: string } | { op: "seal" } | { o
 /** What the writer does with requests. */
 export interface ControlHandlers {
   mark(name: string): Promise<{ seq: number; timeUs: number }>;
-  /** Seals the live segment so that every entry so far is in a sealed segment. */
+  /**
+   * Seals the live segment so that every entry so far is in a sealed segment; `nextSeq` is the
+   * first seq of the new live segment.
+   */
   seal(): Promise<{ nextSeq: number }>;
   status(): Record<string, unknown>;
 }

@@ -109,9 +109,11 @@ export class LogAssistedDisk implements BlockBackend {
         beforeSeal: () => device.sync(),
         clock: options.clock,
         segmentBytesMax: options.segmentBytesMax,
+        deferRecoverySeal: true,
       });
       try {
         const replayedEntries = await replayUnflushed(writer, device);
+        await writer.sealRecovered();
         return new LogAssistedDisk(device, writer, {
           tornBytes: writer.recovery.tornBytes,
           replayedEntries,

@@ -124,8 +124,8 @@ export async function takeSnapshot(
     return await snapshotInto(devicePath, logdir, existing, sealed.nextSeq, options);
   }
   try {
-    await writer.rotate();
-    return await snapshotInto(devicePath, logdir, existing, writer.nextSeq, options);
+    const replayFromSeq = await writer.rotate();
+    return await snapshotInto(devicePath, logdir, existing, replayFromSeq, options);
   } finally {
     await writer.close();
   }

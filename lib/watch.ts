@@ -62,8 +62,7 @@ export async function startWatch(
           return { seq: header.seq, timeUs: header.timeUs };
         },
         seal: async () => {
-          await disk.writer!.rotate();
-          return { nextSeq: disk.writer!.nextSeq };
+          return { nextSeq: await disk.writer!.rotate() };
         },
         status: () => ({ device: devicePath, nextSeq: disk.writer?.nextSeq, ...disk.stats }),
       });

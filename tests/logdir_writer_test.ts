@@ -110,6 +110,8 @@ Deno.test("LogdirWriter seals full segments into the manifest with their seq, ti
         assert.equal(header.seq, i);
         times.push(header.timeUs);
       }
+      // Seals run in the background; a sync waits for the one in progress.
+      await writer.sync();
       assert.equal(seals, 3);
       const manifest = await readManifest(logdir);
       assert.deepEqual(manifest, writer.manifest);
@@ -284,4 +286,50 @@ Deno.test("LogdirWriter.open() after close continues the seq in the same live se
     }
     assert.deepEqual(await readSeqs(logdir), [1, 2, 3, 4, 5, 6, 7]);
   });
+});
+
+Deno.test({
+  name: "LogdirWriter.open() seals a complete segment a crash left unsealed before the live one",
+  // The first writer is abandoned mid-seal, as a crash would leave it: its files stay open.
+  sanitizeResources: false,
+  sanitizeOps: false,
+  fn: async () => {
+    await withTempDir(async (dir) => {
+      const clock = new FakeClock();
+      const logdir = await makeLogdir(dir, clock);
+      const lock = await LogdirLock.acquire(logdir, "test");
+      try {
+        const crashed = await LogdirWriter.open(logdir, {
+          purpose: "test",
+          clock: clock.fn,
+          lock,
+          segmentBytesMax: 2 * ENTRY_BYTES + 1,
+          beforeSeal: () => new Promise(() => {}), // the seal never reaches the manifest
+        });
+        for (let i = 1; i <= 5; i++) {
+          clock.advance(1000);
+          await appendWrite(crashed, i);
+        }
+        const unsealed = fs.readdirSync(join(logdir, SEGMENTS_DIR)).sort();
+        assert.deepEqual(unsealed, [segmentFileName(1), segmentFileName(4)]);
+        assert.deepEqual((await readManifest(logdir)).segments, []);
+
+        const recovered = await LogdirWriter.open(logdir, {
+          purpose: "test",
+          clock: clock.fn,
+          lock,
+        });
+        assert.equal(recovered.nextSeq, 6);
+        assert.equal(recovered.recovery.unflushedFromSeq, 1, "no flush: replay from the first");
+        const manifest = await readManifest(logdir);
+        assert.deepEqual(manifest.segments.map((s) => [s.firstSeq, s.lastSeq]), [[1, 3]]);
+        clock.advance(1000);
+        await appendWrite(recovered, 6);
+        await recovered.close({ seal: true });
+        assert.deepEqual(await readSeqs(logdir), [1, 2, 3, 4, 5, 6]);
+      } finally {
+        lock.release();
+      }
+    });
+  },
 });

@@ -40,6 +40,12 @@ export interface LogdirWriterOptions {
    * writers). The writer uses it and leaves it held on close; the caller releases it.
    */
   lock?: LogdirLock;
+  /**
+   * Leave a complete segment that a crash left unsealed for {@linkcode LogdirWriter.sealRecovered}
+   * instead of sealing it during open (the log-assisted disk replays its tail onto the device
+   * first, since a sealed segment is never replayed).
+   */
+  deferRecoverySeal?: boolean;
 }
 
 /** What {@linkcode LogdirWriter.open} found and repaired. */
@@ -53,6 +59,72 @@ export interface RecoveryReport {
   validBytes: number;
   /** The first seq after the last flush entry of the live segment: where device replay starts. */
   unflushedFromSeq: number;
+}
+
+interface PendingSeal {
+  path: string;
+  info: SegmentInfo;
+}
+
+interface LiveScan {
+  info: SegmentInfo;
+  lastFlushSeq: number | undefined;
+  scanner: SegmentScanner | undefined;
+}
+
+/** Scans an unsealed segment's headers, checking order; a torn tail only where allowed. */
+async function scanLive(
+  path: string,
+  firstSeq: number,
+  expectedFirstSeq: number,
+  lastTimeUs: number,
+  tolerateTornTail: boolean,
+): Promise<LiveScan> {
+  if (firstSeq !== expectedFirstSeq) {
+    throw new IntegrityError(
+      `Unsealed segment ${path} starts at seq ${firstSeq}, expected ${expectedFirstSeq}`,
+      { path, offsetBytes: 0 },
+    );
+  }
+  const info = emptyInfo(path, firstSeq);
+  let lastFlushSeq: number | undefined;
+  let expectedSeq = firstSeq;
+  const scanner = new SegmentScanner(path, { tolerateTornTail, headersOnly: true });
+  for await (const { header, fileOffsetBytes } of scanner.entries()) {
+    if (header.seq !== expectedSeq || header.timeUs < lastTimeUs) {
+      throw new IntegrityError(
+        `Out-of-order entry in ${path} at offset ${fileOffsetBytes}: seq ${header.seq}`,
+        { path, offsetBytes: fileOffsetBytes },
+      );
+    }
+    if (info.entries === 0) info.firstUs = header.timeUs;
+    info.entries++;
+    info.lastUs = header.timeUs;
+    info.lastSeq = header.seq;
+    lastTimeUs = header.timeUs;
+    expectedSeq = header.seq + 1;
+    if (header.kind === "flush") lastFlushSeq = header.seq;
+  }
+  info.sizeBytes = scanner.validBytes;
+  if (!tolerateTornTail && info.entries === 0) {
+    throw new IntegrityError(`Unsealed segment ${path} before the live one is empty`, { path });
+  }
+  return { info, lastFlushSeq, scanner };
+}
+
+function emptyInfo(path: string, firstSeq: number): SegmentInfo {
+  const file = path.slice(path.lastIndexOf("/") + 1);
+  return { file, firstSeq, lastSeq: firstSeq - 1, firstUs: 0, lastUs: 0, sizeBytes: 0, entries: 0 };
+}
+
+/** fsyncs a file by path (a segment sealed during recovery, which has no appender). */
+async function syncFile(path: string): Promise<void> {
+  const file = await Deno.open(path, { read: true, write: true });
+  try {
+    await file.syncData();
+  } finally {
+    file.close();
+  }
 }
 
 interface LiveStats {
@@ -73,7 +145,11 @@ export class LogdirWriter {
   #nextSeq: number;
   #lastTimeUs: number;
   #options: LogdirWriterOptions;
-  #rotation: Promise<void> | undefined;
+  /** The background seal of the previous segment, while it runs. */
+  #sealing: Promise<void> | undefined;
+  /** A failed background seal: every later append and sync reports it. */
+  #sealError: Error | undefined;
+  #recoveredSeal: PendingSeal | undefined;
   #syncGroup: GroupSync;
   #closed = false;
 
@@ -97,10 +173,7 @@ export class LogdirWriter {
     this.#lastTimeUs = init.lastTimeUs;
     this.#options = init.options;
     this.recovery = init.recovery;
-    this.#syncGroup = new GroupSync(async () => {
-      if (this.#rotation !== undefined) await this.#rotation;
-      await this.#appender.sync();
-    });
+    this.#syncGroup = new GroupSync(() => this.#syncOnce());
   }
 
   /**
@@ -133,62 +206,65 @@ export class LogdirWriter {
   ): Promise<LogdirWriter> {
     const expectedFirstSeq = nextSeqAfterSealed(manifest);
     const live = (await listSegments(logdir, manifest)).filter((segment) => !segment.sealed);
-    if (live.length > 1) {
+    // A writer switches to a new segment before the old one's seal is in the manifest, so a
+    // crash can leave two unsealed segments: a complete one and the live one after it.
+    if (live.length > 2) {
       throw new IntegrityError(
         `Logdir ${logdir} has ${live.length} unsealed segments (${
           live.map((s) => s.file).join(", ")
-        }); only one can be live`,
-        { path: live[1].path },
+        }); at most two can be`,
+        { path: live[2].path },
       );
     }
-    const firstSeq = live[0]?.firstSeq ?? expectedFirstSeq;
-    const path = live[0]?.path ?? join(logdir, SEGMENTS_DIR, segmentFileName(firstSeq));
-    if (firstSeq !== expectedFirstSeq) {
-      throw new IntegrityError(
-        `Live segment ${path} starts at seq ${firstSeq}, expected ${expectedFirstSeq} after the sealed segments`,
-        { path, offsetBytes: 0 },
-      );
-    }
-    const stats: LiveStats = { firstSeq, entries: 0, firstUs: 0, lastUs: 0 };
-    let unflushedFromSeq = firstSeq;
     let lastTimeUs = manifest.segments.at(-1)?.lastUs ?? manifest.horizonUs;
-    const scanner = new SegmentScanner(path, { tolerateTornTail: true, headersOnly: true });
-    if (live.length === 1) {
-      let expectedSeq = firstSeq;
-      for await (const { header, fileOffsetBytes } of scanner.entries()) {
-        if (header.seq !== expectedSeq || header.timeUs < lastTimeUs) {
-          throw new IntegrityError(
-            `Out-of-order entry in ${path} at offset ${fileOffsetBytes}: seq ${header.seq}`,
-            { path, offsetBytes: fileOffsetBytes },
-          );
-        }
-        if (stats.entries === 0) stats.firstUs = header.timeUs;
-        stats.entries++;
-        stats.lastUs = header.timeUs;
-        lastTimeUs = header.timeUs;
-        expectedSeq = header.seq + 1;
-        if (header.kind === "flush") unflushedFromSeq = header.seq + 1;
-      }
+    let nextSeq = expectedFirstSeq;
+    let unflushedFromSeq = expectedFirstSeq;
+    let pendingSeal: PendingSeal | undefined;
+    if (live.length === 2) {
+      const complete = await scanLive(live[0].path, live[0].firstSeq, nextSeq, lastTimeUs, false);
+      pendingSeal = { path: live[0].path, info: complete.info };
+      if (complete.lastFlushSeq !== undefined) unflushedFromSeq = complete.lastFlushSeq + 1;
+      nextSeq = complete.info.lastSeq + 1;
+      lastTimeUs = complete.info.lastUs;
     }
-    const appender = SegmentAppender.open(path, firstSeq, scanner.validBytes);
-    if (live.length === 0) await syncDirectory(join(logdir, SEGMENTS_DIR));
-    return new LogdirWriter({
+    const liveRef = live.at(-1);
+    const firstSeq = liveRef?.firstSeq ?? nextSeq;
+    const path = liveRef?.path ?? join(logdir, SEGMENTS_DIR, segmentFileName(firstSeq));
+    const scan = liveRef === undefined
+      ? { info: emptyInfo(path, firstSeq), lastFlushSeq: undefined, scanner: undefined }
+      : await scanLive(path, firstSeq, nextSeq, lastTimeUs, true);
+    if (scan.lastFlushSeq !== undefined) unflushedFromSeq = scan.lastFlushSeq + 1;
+    if (scan.info.entries > 0) lastTimeUs = scan.info.lastUs;
+    const validBytes = scan.scanner?.validBytes ?? 0;
+    const appender = SegmentAppender.open(path, firstSeq, validBytes);
+    if (liveRef === undefined) await syncDirectory(join(logdir, SEGMENTS_DIR));
+    const writer = new LogdirWriter({
       logdir,
       lock,
       manifest,
       appender,
-      live: stats,
-      nextSeq: firstSeq + stats.entries,
+      live: {
+        firstSeq,
+        entries: scan.info.entries,
+        firstUs: scan.info.firstUs,
+        lastUs: scan.info.lastUs,
+      },
+      nextSeq: firstSeq + scan.info.entries,
       lastTimeUs,
       options,
       recovery: {
-        tornBytes: scanner.tornBytes,
-        tornProblem: scanner.tornProblem,
+        tornBytes: scan.scanner?.tornBytes ?? 0,
+        tornProblem: scan.scanner?.tornProblem,
         segmentPath: path,
-        validBytes: scanner.validBytes,
+        validBytes,
         unflushedFromSeq,
       },
     });
+    writer.#recoveredSeal = pendingSeal;
+    if (pendingSeal !== undefined && options.deferRecoverySeal !== true) {
+      await writer.sealRecovered();
+    }
+    return writer;
   }
 
   /** The manifest as of open or the last seal. */
@@ -203,29 +279,34 @@ export class LogdirWriter {
   get lastTimeUs(): number {
     return this.#lastTimeUs;
   }
-  /** True when the live segment is full and must be sealed before the next append. */
+  /** True when the live segment is full: the next append switches to a new segment. */
   get needsRotation(): boolean {
     return this.#appender.sizeBytes >= (this.#options.segmentBytesMax ?? SEGMENT_BYTES_MAX);
   }
 
-  /** True when {@linkcode appendSync} may be called now (no seal pending or running). */
+  /**
+   * True when {@linkcode appendSync} may be called now: the live segment has room, or it is
+   * full and no earlier seal is still running (the append then switches segments itself).
+   */
   get canAppend(): boolean {
-    return !this.needsRotation && this.#rotation === undefined;
+    return this.#sealError === undefined && (!this.needsRotation || this.#sealing === undefined);
   }
 
   /**
-   * Resolves when an append may go ahead (seals a full segment first). Callers re-check
-   * {@linkcode canAppend} after it, in the same synchronous step as their append.
+   * Resolves when an append may go ahead (waits for a running seal when the live segment is full
+   * again before it ended). Callers re-check {@linkcode canAppend} after it, in the same
+   * synchronous step as their append.
    */
   async ready(): Promise<void> {
     while (!this.canAppend) {
-      await (this.#rotation ?? this.rotate());
+      if (this.#sealError !== undefined) throw this.#sealError;
+      await this.#sealing?.catch(() => {});
     }
   }
 
   /**
    * Appends one entry, stamped with the wall clock (never earlier than the entry before), to the
-   * page cache. Call {@linkcode sync} for durability. Call {@linkcode ready} first.
+   * page cache. Call {@linkcode sync} for durability. Check {@linkcode canAppend} first.
    */
   appendSync(
     kind: EntryKind,
@@ -233,20 +314,14 @@ export class LogdirWriter {
     lengthBytes: number,
     payload?: Uint8Array,
   ): EntryHeader {
-    assert(!this.#closed, "append after close");
-    assert(this.#rotation === undefined, "append during rotation: await ready() first");
+    this.#beforeAppend();
     const clock = this.#options.clock ?? nowUs;
     const timeUs = Math.max(clock(), this.#lastTimeUs);
     const header = makeEntryHeader(
       { kind, seq: this.#nextSeq, timeUs, offsetBytes, lengthBytes },
       payload,
     );
-    this.#appender.append(header, payload);
-    this.#nextSeq++;
-    this.#lastTimeUs = timeUs;
-    if (this.#live.entries === 0) this.#live.firstUs = timeUs;
-    this.#live.entries++;
-    this.#live.lastUs = timeUs;
+    this.#append(header, payload);
     return header;
   }
 
@@ -256,13 +331,22 @@ export class LogdirWriter {
    * re-encoded byte-identically, so checksums travel unchanged.
    */
   appendExisting(header: EntryHeader, payload?: Uint8Array): void {
-    assert(!this.#closed, "append after close");
-    assert(this.#rotation === undefined, "append during rotation: await ready() first");
     if (header.seq !== this.#nextSeq || header.timeUs < this.#lastTimeUs) {
       throw new IntegrityError(
         `Cannot append entry seq ${header.seq} at ${header.timeUs} µs to ${this.logdir}: expected seq ${this.#nextSeq} at or after ${this.#lastTimeUs} µs`,
       );
     }
+    this.#beforeAppend();
+    this.#append(header, payload);
+  }
+
+  #beforeAppend(): void {
+    assert(!this.#closed, "append after close");
+    assert(this.canAppend, "append while a full segment waits for its seal: await ready() first");
+    if (this.needsRotation) this.#switchSegment();
+  }
+
+  #append(header: EntryHeader, payload: Uint8Array | undefined): void {
     this.#appender.append(header, payload);
     this.#nextSeq++;
     this.#lastTimeUs = header.timeUs;
@@ -271,9 +355,20 @@ export class LogdirWriter {
     this.#live.lastUs = header.timeUs;
   }
 
-  /** Makes every entry appended before the call durable (group commit: one fsync for many). */
+  /**
+   * Makes every entry appended before the call durable (group commit: one fsync for many). It
+   * also waits for a seal in progress, whose segment holds earlier entries.
+   */
   sync(): Promise<void> {
     return this.#syncGroup.request();
+  }
+
+  async #syncOnce(): Promise<void> {
+    const appender = this.#appender;
+    const sealing = this.#sealing;
+    await appender.sync();
+    await sealing;
+    if (this.#sealError !== undefined) throw this.#sealError;
   }
 
   /** Number of fsyncs of the journal so far (for tests and stats). */
@@ -281,19 +376,45 @@ export class LogdirWriter {
     return this.#syncGroup.runs;
   }
 
-  /** Seals the live segment into the manifest and starts a new one. No-op when it is empty. */
-  rotate(): Promise<void> {
-    if (this.#rotation === undefined) {
-      this.#rotation = this.#seal().finally(() => this.#rotation = undefined);
-    }
-    return this.#rotation;
+  /**
+   * Seals the live segment into the manifest, starting a new one, and resolves once the seal is
+   * durable, with the first seq of the new live segment (entries before it are all sealed, even
+   * if more were appended while the seal ran). No-op (beyond waiting for a running seal) when
+   * the live segment is empty.
+   */
+  async rotate(): Promise<number> {
+    while (this.#sealing !== undefined) await this.#sealing;
+    if (this.#sealError !== undefined) throw this.#sealError;
+    if (this.#live.entries > 0) this.#switchSegment();
+    // Every entry before this seq is now in a sealed segment; appends may go on meanwhile.
+    const liveFromSeq = this.#live.firstSeq;
+    await this.#sealing;
+    if (this.#sealError !== undefined) throw this.#sealError;
+    return liveFromSeq;
   }
 
-  async #seal(): Promise<void> {
-    if (this.#live.entries === 0) return;
-    await this.#options.beforeSeal?.();
-    await this.#appender.sync();
-    const info: SegmentInfo = {
+  /**
+   * Switches appends to a new segment at once and seals the full one in the background, so
+   * writers never wait for the seal's fsyncs unless the new segment fills up before it ends.
+   */
+  #switchSegment(): void {
+    assert(this.#sealing === undefined, "one seal at a time");
+    assert(this.#live.entries > 0, "sealing an empty segment");
+    const full = this.#appender;
+    const info = this.#liveInfo();
+    const path = join(this.logdir, SEGMENTS_DIR, segmentFileName(this.#nextSeq));
+    this.#appender = SegmentAppender.open(path, this.#nextSeq, 0);
+    this.#live = { firstSeq: this.#nextSeq, entries: 0, firstUs: 0, lastUs: 0 };
+    const sealing = this.#seal(full, info).catch((error) => {
+      this.#sealError = error instanceof Error ? error : new Error(String(error));
+    }).finally(() => {
+      if (this.#sealing === sealing) this.#sealing = undefined;
+    });
+    this.#sealing = sealing;
+  }
+
+  #liveInfo(): SegmentInfo {
+    return {
       file: segmentFileName(this.#live.firstSeq),
       firstSeq: this.#live.firstSeq,
       lastSeq: this.#nextSeq - 1,
@@ -302,6 +423,21 @@ export class LogdirWriter {
       sizeBytes: this.#appender.sizeBytes,
       entries: this.#live.entries,
     };
+  }
+
+  /**
+   * The seal: device checkpoint, segment fsync, manifest swap, directory fsync (which also makes
+   * the new live segment's name durable). Order matters: a segment is listed as sealed only once
+   * its entries and their device writes are durable, so crash replay never needs it.
+   */
+  async #seal(full: SegmentAppender | undefined, info: SegmentInfo): Promise<void> {
+    await this.#options.beforeSeal?.();
+    if (full !== undefined) {
+      await full.sync();
+      full.close();
+    } else {
+      await syncFile(join(this.logdir, SEGMENTS_DIR, info.file));
+    }
     this.#manifest = await withManifestLock(this.logdir, async () => {
       const manifest = await readManifest(this.logdir);
       assert(nextSeqAfterSealed(manifest) === info.firstSeq, "manifest moved under the writer");
@@ -309,20 +445,29 @@ export class LogdirWriter {
       await writeManifest(this.logdir, manifest);
       return manifest;
     });
-    this.#appender.close();
-    const path = join(this.logdir, SEGMENTS_DIR, segmentFileName(this.#nextSeq));
-    this.#appender = SegmentAppender.open(path, this.#nextSeq, 0);
     await syncDirectory(join(this.logdir, SEGMENTS_DIR));
-    this.#live = { firstSeq: this.#nextSeq, entries: 0, firstUs: 0, lastUs: 0 };
+  }
+
+  /**
+   * Seals the complete segment a crash left unsealed before the live one (see open's
+   * `deferRecoverySeal`: the log-assisted disk replays onto its device first).
+   */
+  async sealRecovered(): Promise<void> {
+    const pending = this.#recoveredSeal;
+    if (pending === undefined) return;
+    this.#recoveredSeal = undefined;
+    await this.#seal(undefined, pending.info);
   }
 
   /** Syncs, optionally seals the live segment, and releases the lock. */
   async close(options: { seal?: boolean } = {}): Promise<void> {
     if (this.#closed) return;
     try {
+      await this.sealRecovered();
       if (options.seal === true) await this.rotate();
       await this.sync();
     } finally {
+      await this.#sealing;
       this.#closed = true;
       this.#appender.close();
       if (this.#options.lock === undefined) this.#lock.release();

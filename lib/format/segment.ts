@@ -218,6 +218,8 @@ export class SegmentAppender {
   #fd: number;
   #sizeBytes: number;
   #staging = new Uint8Array(ENTRY_HEADER_BYTES + COALESCE_PAYLOAD_BYTES_MAX);
+  #syncsInFlight = 0;
+  #closeRequested = false;
 
   private constructor(path: string, firstSeq: number, fd: number, sizeBytes: number) {
     this.path = path;
@@ -240,6 +242,7 @@ export class SegmentAppender {
 
   /** Writes one entry at the end of the file (to the page cache; {@linkcode sync} makes it durable). */
   append(header: EntryHeader, payload?: Uint8Array): void {
+    assert(!this.#closeRequested, `append to closed segment ${this.path}`);
     assert((payload?.length ?? 0) === header.payloadBytes, "payload length differs from header");
     const position = this.#sizeBytes;
     if (header.payloadBytes <= COALESCE_PAYLOAD_BYTES_MAX) {
@@ -255,13 +258,25 @@ export class SegmentAppender {
   }
 
   /** Waits until everything appended so far is on stable storage. */
-  sync(): Promise<void> {
-    return fdatasync(this.#fd);
+  async sync(): Promise<void> {
+    assert(!this.#closeRequested, `sync of closed segment ${this.path}`);
+    this.#syncsInFlight++;
+    try {
+      await fdatasync(this.#fd);
+    } finally {
+      this.#syncsInFlight--;
+      if (this.#closeRequested && this.#syncsInFlight === 0) fs.closeSync(this.#fd);
+    }
   }
 
-  /** Closes the file (does not sync). */
+  /**
+   * Closes the file (does not sync). With an fdatasync still running on the thread pool, the
+   * close waits for it: closing under it could let the fd number be reused and synced by mistake.
+   */
   close(): void {
-    fs.closeSync(this.#fd);
+    if (this.#closeRequested) return;
+    this.#closeRequested = true;
+    if (this.#syncsInFlight === 0) fs.closeSync(this.#fd);
   }
 }
 
