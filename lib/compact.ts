@@ -21,7 +21,7 @@
  * @module
  */
 import * as fs from "node:fs";
-import { join } from "node:path";
+import { basename, join } from "node:path";
 import { requestSeal } from "./control.ts";
 import { BusyError, IntegrityError, UsageError } from "./errors.ts";
 import {
@@ -326,6 +326,9 @@ async function sealLiveSegment(logdir: string): Promise<SealOutcome> {
 async function hasUnreplayedChanges(writer: LogdirWriter): Promise<boolean> {
   const { segmentPath, validBytes, unflushedFromSeq } = writer.recovery;
   if (unflushedFromSeq >= writer.nextSeq) return false;
+  // Unflushed entries in a segment before the live one (a crash during a seal): be safe.
+  const liveFirstSeq = parseSegmentFileName(basename(segmentPath));
+  if (liveFirstSeq === undefined || unflushedFromSeq < liveFirstSeq) return true;
   const scanner = new SegmentScanner(segmentPath, {
     tolerateTornTail: false,
     endBytes: validBytes,
@@ -416,20 +419,20 @@ async function planCompaction(
   let cutUs = Math.max(options.cutUs, manifest.horizonUs);
   let keepMarks: CompactKeepMarks | undefined;
   if (options.keepMarks === true) {
-    const marks = await findMarks(segments, applyFromSeq(manifest), manifest.horizonUs, cutUs);
+    const marks = findMarks(segments, applyFromSeq(manifest), manifest.horizonUs, cutUs);
     if (marks.length > 0) {
       keepMarks = { marks: marks.map((mark) => mark.name), cutWithoutUs: cutUs };
       cutUs = Math.max(manifest.horizonUs, marks[0].timeUs - 1);
     }
   }
   const foldInput = { logdir, manifest, segments, logdirBytesBefore, options };
-  const fold = await foldEntries({ ...foldInput, cutUs });
+  const fold = foldEntries({ ...foldInput, cutUs });
   if (keepMarks !== undefined && options.dryRun === true) {
-    const without = await foldEntries({ ...foldInput, cutUs: keepMarks.cutWithoutUs });
+    const without = foldEntries({ ...foldInput, cutUs: keepMarks.cutWithoutUs });
     keepMarks.costBytes = projectedBytes(manifest, fold) - projectedBytes(manifest, without);
   }
   if (keepMarks !== undefined && fold.cutUs > cutUs) {
-    const lost = (await findMarks(segments, applyFromSeq(manifest), cutUs, fold.cutUs))
+    const lost = (findMarks(segments, applyFromSeq(manifest), cutUs, fold.cutUs))
       .map((mark) => mark.name);
     if (lost.length > 0) {
       warnings.push(
@@ -518,16 +521,15 @@ interface NamedMark {
 }
 
 /** Marks with seq ≥ `fromSeq` and time in (afterUs, upToUs], in log order (headers, then names). */
-async function findMarks(
+function findMarks(
   segments: SourceSegment[],
   fromSeq: number,
   afterUs: number,
   upToUs: number,
-): Promise<NamedMark[]> {
+): NamedMark[] {
   const refs: MarkRef[] = [];
   scan: for (const [index, segment] of segments.entries()) {
-    const scanner = scannerOf(segment, index === segments.length - 1);
-    for await (const { header, fileOffsetBytes } of scanner.entries()) {
+    for (const { header, fileOffsetBytes } of wholeHeaders(segment.path, segment.endBytes)) {
       if (header.timeUs > upToUs) break scan;
       if (header.kind !== "mark" || header.seq < fromSeq || header.timeUs <= afterUs) continue;
       refs.push({ sourceIndex: index, fileOffsetBytes, header });
@@ -536,12 +538,61 @@ async function findMarks(
   return readMarkNames(refs, segments.map((segment) => segment.path));
 }
 
-function scannerOf(segment: SourceSegment, isLast: boolean): SegmentScanner {
-  return new SegmentScanner(segment.path, {
-    tolerateTornTail: segment.info === undefined && isLast,
-    endBytes: segment.endBytes,
-    headersOnly: true,
+/** Most bytes {@linkcode wholeHeaders} reads at once. */
+const HEADER_WINDOW_BYTES = 256 * 1024;
+
+/**
+ * The headers of a file of whole entries up to `endBytes` (a sealed segment, a level, or the
+ * valid part of a live segment), checked strictly. Small entries are read a window at a time, so
+ * a scan costs one syscall per window instead of one per entry (a pread costs more than reading
+ * the payloads between a window's headers); after a large entry, only the next header is read.
+ */
+function corruptEntry(path: string, offsetBytes: number, problem: string): IntegrityError {
+  return new IntegrityError(`Corrupt entry in ${path} at offset ${offsetBytes}: ${problem}`, {
+    path,
+    offsetBytes,
   });
+}
+
+function* wholeHeaders(
+  path: string,
+  endBytes: number,
+): Generator<{ header: EntryHeader; fileOffsetBytes: number }> {
+  const fd = fs.openSync(path, "r");
+  try {
+    const fileBytes = fs.fstatSync(fd).size;
+    if (fileBytes < endBytes) {
+      throw new IntegrityError(
+        `Segment ${path} is ${fileBytes} bytes, expected ${endBytes}: it was truncated`,
+        { path, offsetBytes: fileBytes },
+      );
+    }
+    const window = new Uint8Array(HEADER_WINDOW_BYTES);
+    let windowStart = 0;
+    let windowBytes = 0;
+    let entryBytes = 0;
+    for (let position = 0; position < endBytes; position += entryBytes) {
+      if (endBytes - position < ENTRY_HEADER_BYTES) {
+        throw corruptEntry(path, position, "incomplete entry header");
+      }
+      if (position + ENTRY_HEADER_BYTES > windowStart + windowBytes) {
+        const wanted = entryBytes * 8 <= HEADER_WINDOW_BYTES ? HEADER_WINDOW_BYTES : 0;
+        windowBytes = Math.min(Math.max(wanted, ENTRY_HEADER_BYTES), endBytes - position);
+        windowStart = position;
+        readFully(fd, window, windowBytes, position);
+      }
+      const decoded = decodeEntryHeader(window, position - windowStart);
+      if (!decoded.ok) throw corruptEntry(path, position, decoded.problem);
+      const header = decoded.header;
+      if (header.payloadBytes > endBytes - position - ENTRY_HEADER_BYTES) {
+        throw corruptEntry(path, position, "entry extends past end of file");
+      }
+      yield { header, fileOffsetBytes: position };
+      entryBytes = ENTRY_HEADER_BYTES + header.payloadBytes;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
 }
 
 function readMarkNames(refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
@@ -556,10 +607,7 @@ function readMarkNames(refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
       fs.closeSync(fd);
     }
     if (!payloadMatches(header, payload)) {
-      throw new IntegrityError(
-        `Corrupt entry in ${path} at offset ${fileOffsetBytes}: bad payload checksum`,
-        { path, offsetBytes: fileOffsetBytes },
-      );
+      throw corruptEntry(path, fileOffsetBytes, "bad payload checksum");
     }
     return { name: decoder.decode(payload), seq: header.seq, timeUs: header.timeUs };
   });
@@ -577,12 +625,12 @@ interface FoldInput {
   options: CompactOptions;
 }
 
-async function foldEntries(input: FoldInput): Promise<FoldResult> {
+function foldEntries(input: FoldInput): FoldResult {
   const { logdir, manifest, segments, options } = input;
   const map = new ExtentMap(manifest.deviceBytes);
   const sourcePaths = manifest.levels.map((level) => join(logdir, LEVELS_DIR, level.file));
   for (const [index, level] of manifest.levels.entries()) {
-    await foldLevel(map, sourcePaths[index], level, index);
+    foldLevel(map, sourcePaths[index], level, index);
   }
   const result: FoldResult = {
     map,
@@ -602,8 +650,7 @@ async function foldEntries(input: FoldInput): Promise<FoldResult> {
   const totalBytes = segments.reduce((sum, segment) => sum + segment.endBytes, 0);
   const order = new OrderCheck();
   for (const [index, segment] of segments.entries()) {
-    const scanner = scannerOf(segment, index === segments.length - 1);
-    for await (const { header, fileOffsetBytes } of scanner.entries()) {
+    for (const { header, fileOffsetBytes } of wholeHeaders(segment.path, segment.endBytes)) {
       order.check(segment.path, header, fileOffsetBytes);
       const consumedBytes = result.consumedBytes + fileOffsetBytes;
       if (header.seq >= applyFromSeq(manifest) && header.timeUs > result.cutUs) {
@@ -672,14 +719,9 @@ function checkInDevice(header: EntryHeader, manifest: Manifest, path: string, of
   }
 }
 
-async function foldLevel(map: ExtentMap, path: string, level: LevelInfo, sourceIndex: number) {
-  const scanner = new SegmentScanner(path, {
-    tolerateTornTail: false,
-    endBytes: level.sizeBytes,
-    headersOnly: true,
-  });
+function foldLevel(map: ExtentMap, path: string, level: LevelInfo, sourceIndex: number): void {
   let entries = 0;
-  for await (const { header, fileOffsetBytes } of scanner.entries()) {
+  for (const { header, fileOffsetBytes } of wholeHeaders(path, level.sizeBytes)) {
     entries++;
     if (header.kind !== "write" && header.kind !== "zero") {
       throw new IntegrityError(
@@ -896,24 +938,14 @@ class SourceReader {
       : decoded.header.kind !== "write"
       ? `expected a write entry, found ${decoded.header.kind}`
       : undefined;
-    if (problem !== undefined || !decoded.ok) {
-      throw new IntegrityError(`Corrupt entry in ${path} at offset ${offset}: ${problem}`, {
-        path,
-        offsetBytes: offset,
-      });
-    }
+    if (problem !== undefined || !decoded.ok) throw corruptEntry(path, offset, problem!);
     const header = decoded.header;
     if (this.#payload.length < header.payloadBytes) {
       this.#payload = new Uint8Array(header.payloadBytes);
     }
     const payload = this.#payload.subarray(0, header.payloadBytes);
     readFully(fd, payload, header.payloadBytes, offset + ENTRY_HEADER_BYTES);
-    if (!payloadMatches(header, payload)) {
-      throw new IntegrityError(
-        `Corrupt entry in ${path} at offset ${offset}: bad payload checksum`,
-        { path, offsetBytes: offset },
-      );
-    }
+    if (!payloadMatches(header, payload)) throw corruptEntry(path, offset, "bad payload checksum");
     this.#cached = {
       sourceIndex: piece.sourceIndex,
       entryOffsetBytes: offset,
