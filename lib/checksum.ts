@@ -51,3 +51,53 @@ export class Crc32cStream {
 function digestToUint32(digest: Uint8Array): number {
   return ((digest[0] << 24) | (digest[1] << 16) | (digest[2] << 8) | digest[3]) >>> 0;
 }
+
+/**
+ * Multiplies two polynomials modulo the CRC32C polynomial, in the reflected bit order CRCs use.
+ * `a` must not be zero.
+ */
+function multiplyModP(a: number, b: number): number {
+  let m = 0x8000_0000;
+  let product = 0;
+  for (;;) {
+    if ((a & m) !== 0) {
+      product ^= b;
+      if ((a & (m - 1)) === 0) break;
+    }
+    m >>>= 1;
+    b = (b & 1) !== 0 ? (b >>> 1) ^ CRC32C_POLYNOMIAL : b >>> 1;
+  }
+  return product >>> 0;
+}
+
+/** x^(2^k) modulo the polynomial, for k = 0..31 (x^1 is 1 << 30 in reflected order). */
+const X_POW_2K: number[] = (() => {
+  const table = [1 << 30];
+  for (let k = 1; k < 32; k++) table.push(multiplyModP(table[k - 1], table[k - 1]));
+  return table;
+})();
+
+/** x^(8 × bytes) modulo the polynomial: what appending `bytes` zero bytes multiplies by. */
+function xPowBytes(bytes: number): number {
+  let p = 0x8000_0000; // x^0
+  let k = 3; // 8 × bytes = bytes × 2^3
+  for (let n = bytes; n > 0; n = Math.floor(n / 2), k++) {
+    if (n % 2 === 1) p = multiplyModP(X_POW_2K[k & 31], p);
+  }
+  return p;
+}
+
+/**
+ * The CRC32C of `A ‖ B` from the CRC32C of `A`, the CRC32C of `B` and B's length, without
+ * reading either (zlib's crc32_combine, for the Castagnoli polynomial).
+ */
+export function crc32cCombine(crcA: number, crcB: number, bytesB: number): number {
+  if (bytesB === 0) return crcA >>> 0;
+  return (multiplyModP(xPowBytes(bytesB), crcA >>> 0) ^ crcB) >>> 0;
+}
+
+/** The CRC32C of `bytes` zero bytes, in O(log bytes): holes are checksummed without reading. */
+export function crc32cOfZeros(bytes: number): number {
+  if (bytes === 0) return 0;
+  return (multiplyModP(xPowBytes(bytes), 0xffff_ffff) ^ 0xffff_ffff) >>> 0;
+}

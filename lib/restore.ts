@@ -12,6 +12,7 @@ import type { EntryHeader } from "./format/entry.ts";
 import { LEVELS_DIR, readLogEntries, syncDirectory } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
 import { fdatasync, SegmentScanner, writeFully } from "./format/segment.ts";
+import { dataExtents } from "./data_extents.ts";
 import { copyImage, type CopyTarget, fdSource, fdTarget } from "./sparse_copy.ts";
 import { resolveRestorePoint } from "./timeline.ts";
 import type { TimeSpec } from "./time.ts";
@@ -181,11 +182,10 @@ async function copyBase(
         { path, offsetBytes: Math.min(size, manifest.deviceBytes) },
       );
     }
-    const copy = await copyImage(
-      fdSource(fd, size),
-      target.copyTarget,
-      (done) => progress.base(done),
-    );
+    const copy = await copyImage(fdSource(fd, size), target.copyTarget, {
+      extents: dataExtents(path, size),
+      onProgress: (done) => progress.base(done),
+    });
     if (copy.crc32c !== manifest.base.crc32c) {
       throw new IntegrityError(
         `Base snapshot ${path} does not match its checksum (crc32c ${copy.crc32c}, expected ${manifest.base.crc32c})`,

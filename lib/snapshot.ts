@@ -28,6 +28,7 @@ import {
   MANIFEST_FORMAT_VERSION,
 } from "./format/manifest.ts";
 import { fdatasync } from "./format/segment.ts";
+import { dataExtents } from "./data_extents.ts";
 import { copyImage, deviceSource, fdTarget } from "./sparse_copy.ts";
 import { formatTimeUtc, nowUs } from "./time.ts";
 
@@ -158,7 +159,11 @@ async function snapshotInto(
     let copy;
     try {
       fs.ftruncateSync(fd, device.sizeBytes);
-      copy = await copyImage(deviceSource(device), fdTarget(fd, true), options.onProgress);
+      copy = await copyImage(deviceSource(device), fdTarget(fd, true), {
+        // An image file's holes are skipped; a block device reports all of itself as data.
+        extents: device.isBlockDevice ? undefined : dataExtents(devicePath, device.sizeBytes),
+        onProgress: options.onProgress,
+      });
       await fdatasync(fd);
     } finally {
       fs.closeSync(fd);

@@ -10,6 +10,7 @@ import { IntegrityError } from "./errors.ts";
 import { LEVELS_DIR, readLogEntries, readManifest } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
 import { SegmentScanner } from "./format/segment.ts";
+import { dataExtents } from "./data_extents.ts";
 import { copyImage, fdSource } from "./sparse_copy.ts";
 import { applyFromSeq } from "./timeline.ts";
 
@@ -127,7 +128,10 @@ async function verifyBase(
       return "";
     }
     const sink = { holesAreZero: true, write: () => {} };
-    const copy = await copyImage(fdSource(fd, size), sink, options.onProgress);
+    const copy = await copyImage(fdSource(fd, size), sink, {
+      extents: dataExtents(path, size),
+      onProgress: options.onProgress,
+    });
     if (copy.crc32c !== manifest.base.crc32c) {
       problems.push({
         path,

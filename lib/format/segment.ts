@@ -21,7 +21,7 @@ import {
 /** A segment is sealed once it reaches this size (the entry that crosses it is the last). */
 export const SEGMENT_BYTES_MAX = 64 * 1024 * 1024;
 /** Read buffer of a scanner; it grows to hold one maximal entry when it must. */
-export const SCAN_BUFFER_BYTES = 4 * 1024 * 1024;
+export const SCAN_BUFFER_BYTES = 8 * 1024 * 1024;
 /** Entries up to this payload size are written with their header in one syscall. */
 const COALESCE_PAYLOAD_BYTES_MAX = 256 * 1024;
 
@@ -71,6 +71,9 @@ export class SegmentScanner {
   readonly path: string;
   #options: SegmentScanOptions;
   #buffer = new Uint8Array(SCAN_BUFFER_BYTES);
+  /** The file range the buffer holds. */
+  #windowStart = 0;
+  #windowEnd = 0;
   #validBytes = 0;
   #tornBytes = 0;
   #tornProblem: string | undefined;
@@ -128,24 +131,53 @@ export class SegmentScanner {
   ): { header: EntryHeader; payload: Uint8Array } | string {
     const remaining = endBytes - position;
     if (remaining < ENTRY_HEADER_BYTES) return "incomplete entry header";
-    readFully(fd, this.#buffer, ENTRY_HEADER_BYTES, position);
-    const decoded = decodeEntryHeader(this.#buffer);
+    const headerOnly = this.#options.headersOnly === true;
+    const headerAt = this.#windowAt(fd, position, ENTRY_HEADER_BYTES, endBytes, !headerOnly);
+    const decoded = decodeEntryHeader(this.#buffer, headerAt);
     if (!decoded.ok) return decoded.problem;
     const header = decoded.header;
     if (header.payloadBytes > remaining - ENTRY_HEADER_BYTES) {
       return "entry extends past end of file";
     }
-    if (this.#options.headersOnly === true) return { header, payload: new Uint8Array(0) };
+    if (headerOnly) return { header, payload: new Uint8Array(0) };
     assert(header.payloadBytes <= ENTRY_PAYLOAD_BYTES_MAX, "payload over limit passed decoder");
-    if (this.#buffer.length < header.payloadBytes) {
-      this.#buffer = new Uint8Array(header.payloadBytes);
-    }
-    const payload = this.#buffer.subarray(0, header.payloadBytes);
-    readFully(fd, payload, header.payloadBytes, position + ENTRY_HEADER_BYTES);
+    const entryAt = this.#windowAt(
+      fd,
+      position,
+      ENTRY_HEADER_BYTES + header.payloadBytes,
+      endBytes,
+      true,
+    );
+    const payloadAt = entryAt + ENTRY_HEADER_BYTES;
+    const payload = this.#buffer.subarray(payloadAt, payloadAt + header.payloadBytes);
     if (this.#options.verifyPayloads !== false && !payloadMatches(header, payload)) {
       return "bad payload checksum";
     }
     return { header, payload };
+  }
+
+  /**
+   * Returns where `[position, position + length)` of the file sits in the read buffer, reading a
+   * new window when it is not already there: a whole buffer's worth when `readAhead` (entries
+   * are then parsed from memory, one read for many), only `length` bytes otherwise (header
+   * scans skip the payloads between headers).
+   */
+  #windowAt(
+    fd: number,
+    position: number,
+    length: number,
+    endBytes: number,
+    readAhead: boolean,
+  ): number {
+    if (position >= this.#windowStart && position + length <= this.#windowEnd) {
+      return position - this.#windowStart;
+    }
+    if (this.#buffer.length < length) this.#buffer = new Uint8Array(length);
+    const readBytes = readAhead ? Math.min(this.#buffer.length, endBytes - position) : length;
+    readFully(fd, this.#buffer, readBytes, position);
+    this.#windowStart = position;
+    this.#windowEnd = position + readBytes;
+    return 0;
   }
 
   #handleBadEntry(fd: number, position: number, endBytes: number, problem: string): void {
