@@ -181,11 +181,20 @@ export class HostStore {
     await this.#openWriter();
   }
 
-  /** Forgets a failed install; its files stay in the incoming directory until the next one. */
-  abandonState(install: StateInstall, incomingLock: LogdirLock): void {
+  /** Removes what a failed install wrote, and its lock unless it is the store's own. */
+  async discardState(install: StateInstall, incomingLock: LogdirLock): Promise<void> {
     if (this.#install !== install) return;
     this.#install = undefined;
-    if (incomingLock !== this.#lock) incomingLock.release();
+    const incomingDir = hostPaths(this.storedir, this.hostId).incomingDir;
+    if (incomingLock === this.#lock) {
+      await clearIncoming(incomingDir);
+      return;
+    }
+    try {
+      await Deno.remove(incomingDir, { recursive: true });
+    } finally {
+      incomingLock.release();
+    }
   }
 
   async #openWriter(): Promise<void> {
@@ -196,11 +205,22 @@ export class HostStore {
     });
   }
 
-  /** Syncs and closes the writer and releases the locks. */
+  /**
+   * Syncs and closes the writer and releases the locks. A host that never got a copy leaves no
+   * directory behind (a refused or aborted first ship creates nothing in the store).
+   */
   async close(): Promise<void> {
     try {
       await this.#install?.abort();
-      if (this.#writer !== undefined) await this.#writer.close();
+      if (this.#writer !== undefined) {
+        await this.#writer.close();
+      } else {
+        // Without a copy, the lock held is the incoming directory's: remove it while holding it.
+        const incomingDir = hostPaths(this.storedir, this.hostId).incomingDir;
+        if (!fs.existsSync(join(incomingDir, MANIFEST_FILE))) {
+          await Deno.remove(incomingDir, { recursive: true }).catch(() => {});
+        }
+      }
     } finally {
       this.#writer = undefined;
       this.#lock.release();
@@ -391,12 +411,11 @@ export class StateInstall {
     return manifest;
   }
 
-  /** Closes open files of an unfinished install. */
+  /** Closes open files of an unfinished install and removes what it wrote. */
   async abort(): Promise<void> {
     this.#base?.close();
     this.#level?.close();
-    this.#store.abandonState(this, this.#lock);
-    await Promise.resolve();
+    await this.#store.discardState(this, this.#lock);
   }
 }
 

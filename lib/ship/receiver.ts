@@ -357,7 +357,6 @@ class Session {
       this.#disarm();
       await this.#settleAcks();
       try {
-        await this.#install?.abort();
         await this.#store?.close();
       } catch (error) {
         this.#emit(
@@ -391,8 +390,12 @@ class Session {
   #arm(ms: number, reason: string): void {
     this.#disarm();
     this.#timer = setTimeout(() => {
+      // Tell the peer why before closing; the pending read then fails and #fail logs it.
       this.#timeoutReason = `${reason} ${ms} ms`;
-      closeQuietly(this.#conn);
+      void this.#sendBounded({
+        code: "limit",
+        message: `Closed by the receiver: ${this.#timeoutReason}`,
+      }).finally(() => closeQuietly(this.#conn));
     }, ms);
   }
 
@@ -435,10 +438,6 @@ class Session {
     if (this.#ackError !== undefined) error = this.#ackError;
     if (this.#timeoutReason !== undefined) {
       this.#emit("warn", `Closed the connection of ${this.#who()}: ${this.#timeoutReason}`);
-      await this.#sendBounded({
-        code: "limit",
-        message: `Closed by the receiver: ${this.#timeoutReason}`,
-      });
       return;
     }
     const [code, level] = classify(error);
