@@ -21,7 +21,7 @@
  * @module
  */
 import * as fs from "node:fs";
-import { basename, join } from "node:path";
+import { join } from "node:path";
 import { requestSeal } from "./control.ts";
 import { BusyError, IntegrityError, UsageError } from "./errors.ts";
 import {
@@ -41,6 +41,7 @@ import {
 import {
   LEVELS_DIR,
   listSegments,
+  LogdirLock,
   MANIFEST_FILE,
   readLockHolder,
   readManifest,
@@ -287,48 +288,60 @@ interface SealOutcome {
 /**
  * Seals the live segment: through the control socket of a running `watch`, or by opening the
  * logdir as its writer for a moment when nobody holds it. When another process holds the lock
- * and does not answer (a `receive`, a `mark`), only what is already sealed is folded.
+ * and does not answer (a `receive`, a `mark`), only what is already sealed is folded. A log whose
+ * unsealed entries a watch must still replay onto its device is left alone: sealing them would
+ * hide them from that replay.
  */
 async function sealLiveSegment(logdir: string): Promise<SealOutcome> {
-  let writer: LogdirWriter;
+  let lock: LogdirLock;
   try {
-    writer = await LogdirWriter.open(logdir, { purpose: "compact" });
+    lock = await LogdirLock.acquire(logdir, "compact");
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;
-    try {
-      if (await requestSeal(logdir) !== undefined) return { via: "watch" };
-    } catch (refusal) {
-      return { via: "none", warning: `${(refusal as Error).message}; folding sealed entries only` };
-    }
-    return {
-      via: "none",
-      note: `${error.message}, and it answers no seal request: folding sealed entries only`,
-    };
+    return await sealThroughWriter(logdir, error);
   }
+  const unreplayed = {
+    via: "none" as const,
+    warning: `The unsealed entries of ${logdir} include writes after the last flush of a ` +
+      `writer that stopped without flushing; they are folded once a watch has replayed them ` +
+      `onto the device and journaled a flush after them (folding sealed entries only)`,
+  };
   try {
-    if (await hasUnreplayedChanges(writer)) {
-      // Sealing would hide these entries from the replay the next watch does onto the device.
-      return {
-        via: "none",
-        warning: `The live segment of ${logdir} holds writes after the last flush of a writer ` +
-          `that stopped without flushing; start watch once to replay them onto the device, then ` +
-          `compact again to fold them (folding sealed entries only)`,
-      };
+    const unsealed = (await listSegments(logdir, await readManifest(logdir)))
+      .filter((segment) => !segment.sealed);
+    // Two unsealed segments: a writer died during a seal. Opening a writer would seal the
+    // complete one at once, before the replay a watch does on open.
+    if (unsealed.length > 1) return unreplayed;
+    const writer = await LogdirWriter.open(logdir, { purpose: "compact", lock });
+    try {
+      if (await hasUnreplayedChanges(writer)) return unreplayed;
+      await writer.rotate();
+      return { via: "compact" };
+    } finally {
+      await writer.close();
     }
-    await writer.rotate();
-    return { via: "compact" };
   } finally {
-    await writer.close();
+    lock.release();
   }
+}
+
+/** Asks the writer that holds the lock (`busy` says who) to seal, if it listens. */
+async function sealThroughWriter(logdir: string, busy: BusyError): Promise<SealOutcome> {
+  try {
+    if (await requestSeal(logdir) !== undefined) return { via: "watch" };
+  } catch (refusal) {
+    return { via: "none", warning: `${(refusal as Error).message}; folding sealed entries only` };
+  }
+  return {
+    via: "none",
+    note: `${busy.message}, and it answers no seal request: folding sealed entries only`,
+  };
 }
 
 /** True when the live segment has changes after its last flush that a watch must replay. */
 async function hasUnreplayedChanges(writer: LogdirWriter): Promise<boolean> {
   const { segmentPath, validBytes, unflushedFromSeq } = writer.recovery;
   if (unflushedFromSeq >= writer.nextSeq) return false;
-  // Unflushed entries in a segment before the live one (a crash during a seal): be safe.
-  const liveFirstSeq = parseSegmentFileName(basename(segmentPath));
-  if (liveFirstSeq === undefined || unflushedFromSeq < liveFirstSeq) return true;
   const scanner = new SegmentScanner(segmentPath, {
     tolerateTornTail: false,
     endBytes: validBytes,

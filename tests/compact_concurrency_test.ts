@@ -1,7 +1,9 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import { COMPACT_LOCK_FILE, compactLogdir } from "../lib/compact.ts";
+import { LogAssistedDisk } from "../lib/disk.ts";
 import { readManifest } from "../lib/format/logdir.ts";
+import { LogdirWriter } from "../lib/format/logdir_writer.ts";
 import { takeSnapshot } from "../lib/snapshot.ts";
 import { nowUs } from "../lib/time.ts";
 import { verifyLogdir } from "../lib/verify.ts";
@@ -162,5 +164,36 @@ Deno.test("a second compact exits 4 at once, naming the pid that holds compact.l
       lock.close();
     }
     assert.equal((await runCli(["compact", logdir, "--keep", "0"])).code, 0);
+  });
+});
+
+Deno.test("compact does not seal writes a crashed writer left unflushed: watch must replay them first", async () => {
+  await withTempDir(async (dir) => {
+    const devicePath = join(dir, "disk.img");
+    const logdir = join(dir, "log");
+    await makeImage(devicePath, DEVICE_BYTES);
+    await takeSnapshot(devicePath, logdir);
+    // A writer that journaled a write and died before the device had it (no flush entry).
+    const writer = await LogdirWriter.open(logdir, { purpose: "test" });
+    await writer.ready();
+    writer.appendSync("write", 0, 4096, new Uint8Array(4096).fill(7));
+    await writer.close();
+    const refused = await compactLogdir(logdir, { cutUs: nowUs() });
+    assert.equal(refused.sealedVia, "none");
+    assert.match(refused.warnings.join("\n"), /once a watch has replayed them/);
+    assert.equal(refused.foldedEntries, 0);
+    assert.equal((await readManifest(logdir)).segments.length, 0, "nothing sealed");
+    const disk = await LogAssistedDisk.open(devicePath, logdir);
+    assert.equal(disk.recovery.replayedEntries, 1);
+    // The journal records that the device has the replayed write with the next flush entry,
+    // which follows the next write (a reopen alone appends none).
+    await disk.write(4096, new Uint8Array(512).fill(8));
+    await disk.close();
+    assert.equal(readAll(devicePath)[0], 7);
+    const folded = await compactLogdir(logdir, { cutUs: nowUs() });
+    assert.equal(folded.sealedVia, "compact");
+    assert.equal(folded.warnings.length, 0);
+    assert.ok(folded.foldedEntries >= 1);
+    assertBytesEqual(await restoreBytes(logdir, nowUs(), nowUs()), readAll(devicePath), "latest");
   });
 });
