@@ -592,3 +592,50 @@ async function readUntilClosedAfter(
   }
   return welcomed;
 }
+
+Deno.test("shipLogdir() refuses a copy that diverged from the source unless force", async () => {
+  await withTempDir((dir) =>
+    withSeed(async (random) => {
+      const source = await makeSource(dir, "vm6", random);
+      await writeEntries(source, random, 40);
+      // A copy of the logdir as it is now: later it takes other entries under the same seqs, as a
+      // source restored from an old backup (or one that lost unflushed entries) would.
+      const rewound = {
+        ...source,
+        image: join(dir, "rewound.img"),
+        logdir: join(dir, "rewound-log"),
+      };
+      const copied = await run("cp", ["-a", source.image, rewound.image]);
+      assert.equal(copied.code, 0, copied.stderr);
+      assert.equal((await run("cp", ["-a", source.logdir, rewound.logdir])).code, 0);
+      await writeEntries(source, random, 30);
+      await writeEntries(rewound, random, 50);
+      const storedir = join(dir, "store");
+      const events: ReceiverEvent[] = [];
+      const receiver = await startReceiver(storedir, events);
+      try {
+        await shipLogdir(source.logdir, target(receiver));
+        await assert.rejects(
+          () => shipLogdir(rewound.logdir, target(receiver)),
+          (error: Error) => {
+            assert.equal(error.name, "UsageError");
+            assert.match(error.message, /the receiver's copy has diverged from it/);
+            return true;
+          },
+        );
+        await assertSameRestores(source.logdir, join(storedir, "vm6"), dir, [undefined]);
+        const forced = await shipLogdir(rewound.logdir, target(receiver), { force: true });
+        assert.equal(forced.statesSent, 1);
+        assert.equal(forced.baseBytesSent, 0, "the same base is linked, not sent again");
+      } finally {
+        await receiver.close();
+      }
+      await assertSameRestores(
+        rewound.logdir,
+        join(storedir, "vm6"),
+        dir,
+        await restorePoints(rewound.logdir),
+      );
+    })
+  );
+});

@@ -203,6 +203,9 @@ export class HostStore {
       lock: this.#lock,
       segmentBytesMax: this.#options.segmentBytesMax,
     });
+    // Entries a killed receiver appended but never synced may still sit in the page cache; they
+    // count in the state sent to the sender, so make them durable first.
+    await this.#writer.sync();
   }
 
   /**

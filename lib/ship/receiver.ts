@@ -696,7 +696,7 @@ class Session {
     if (writer === undefined || this.#install !== undefined) {
       throw new ProtocolError("ENTRIES frame before the host has a base (send its state first)");
     }
-    const deviceBytes = await this.#deviceBytes();
+    const deviceBytes = writer.manifest.deviceBytes;
     const entries = parseEntries(body, writer.nextSeq, writer.lastTimeUs, deviceBytes);
     for (const { header, payload } of entries) {
       while (!writer.canAppend) await writer.ready();
@@ -704,14 +704,6 @@ class Session {
     }
     this.#entriesReceived += entries.length;
     this.#bytesReceived += body.length;
-  }
-
-  #deviceBytesCache: number | undefined;
-  async #deviceBytes(): Promise<number> {
-    if (this.#deviceBytesCache === undefined) {
-      this.#deviceBytesCache = (await this.#store!.state()).deviceBytes ?? 0;
-    }
-    return this.#deviceBytesCache;
   }
 
   /** fsync, then ACK: one sync in flight at a time, covering every append made before it. */

@@ -401,6 +401,8 @@ class SenderSession {
       const plan = await makePlan(this.#logdir, manifest, welcome.store, this.#options.force);
       tail = plan.tail;
       this.#sentSeq = plan.plan.fromSeq - 1;
+      // A replaced copy may have held more than the new state: acks count from the new state.
+      if (plan.plan.action === "state") this.#acks.ackedSeq = this.#sentSeq;
       this.#lastReadSeq = this.#sentSeq;
       this.#totalBytes = tail.pendingBytes();
       this.#options.onEvent?.({
@@ -426,8 +428,14 @@ class SenderSession {
   async #connect(): Promise<Deno.Conn> {
     const { hostname, port } = this.#target;
     const where = `${hostname}:${port}`;
-    if (this.#options.tls === undefined) return await Deno.connect({ hostname, port });
-    const conn = await Deno.connectTls({ hostname, port, caCerts: this.#options.tls.caCerts });
+    const failed = (error: unknown): never => {
+      throw new Error(`Cannot connect to ${where}: ${(error as Error).message}`, { cause: error });
+    };
+    if (this.#options.tls === undefined) {
+      return await Deno.connect({ hostname, port }).catch(failed);
+    }
+    const conn = await Deno.connectTls({ hostname, port, caCerts: this.#options.tls.caCerts })
+      .catch(failed);
     try {
       await conn.handshake();
     } catch (error) {
@@ -843,12 +851,15 @@ async function makePlan(
   if (lastSeq + 1 < sourceFrom) return await state("compacted");
   const checkLast = store.lastHeaderCrc32c !== undefined && lastSeq >= sourceFrom;
   const tail = await LogTail.open(logdir, manifest, checkLast ? lastSeq : lastSeq + 1);
-  let agrees = typeof tail !== "string";
-  if (typeof tail !== "string" && checkLast) {
+  if (tail === "before-start") {
+    throw new Error(`The source logdir ${logdir} was compacted while planning; retrying`);
+  }
+  let agrees = tail !== "after-end";
+  if (tail !== "after-end" && checkLast) {
     const last = await tail.next();
     agrees = last !== undefined && last.headerCrc32c === store.lastHeaderCrc32c;
   }
-  if (agrees && typeof tail !== "string") {
+  if (agrees && tail !== "after-end") {
     const plan: ShipPlan = {
       action: "resume",
       fromSeq: lastSeq + 1,
@@ -857,7 +868,7 @@ async function makePlan(
     };
     return { plan, tail };
   }
-  if (typeof tail !== "string") tail.close();
+  if (tail !== "after-end") tail.close();
   if (force === true) return await state("replaced");
   throw new UsageError(
     `Cannot ship ${logdir}: the receiver's copy has diverged from it (the receiver holds seq ${lastSeq}${
