@@ -425,8 +425,7 @@ async function planCompaction(
   scope: { includeLive: boolean },
 ): Promise<CompactPlan> {
   const segments = await sourceSegments(logdir, manifest, scope.includeLive);
-  const levelEntries = manifest.levels.reduce((sum, level) => sum + level.entries, 0);
-  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
+  const levels = levelTotals(manifest);
   const logdirBytesBefore = await measureLogdirBytes(logdir, manifest);
   const warnings: string[] = [];
   let cutUs = Math.max(options.cutUs, manifest.horizonUs);
@@ -442,7 +441,7 @@ async function planCompaction(
   const fold = foldEntries({ ...foldInput, cutUs });
   if (keepMarks !== undefined && options.dryRun === true) {
     const without = foldEntries({ ...foldInput, cutUs: keepMarks.cutWithoutUs });
-    keepMarks.costBytes = projectedBytes(manifest, fold) - projectedBytes(manifest, without);
+    keepMarks.costBytes = foldDeltaBytes(manifest, fold) - foldDeltaBytes(manifest, without);
   }
   if (keepMarks !== undefined && fold.cutUs > cutUs) {
     const lost = (findMarks(segments, applyFromSeq(manifest), cutUs, fold.cutUs))
@@ -462,8 +461,8 @@ async function planCompaction(
     maxBytes: options.maxBytes,
     fold,
     foldedMarks: readMarkNames(fold.marks, fold.sourcePaths),
-    entriesBefore: levelEntries + segments.reduce((sum, s) => sum + s.entries, 0),
-    bytesBefore: levelBytes + segments.reduce((sum, s) => sum + s.endBytes, 0),
+    entriesBefore: levels.entries + segments.reduce((sum, s) => sum + s.entries, 0),
+    bytesBefore: levels.sizeBytes + segments.reduce((sum, s) => sum + s.endBytes, 0),
     logdirBytesBefore,
     keepMarks,
     warnings,
@@ -520,11 +519,21 @@ async function measureLogdirBytes(logdir: string, manifest: Manifest): Promise<n
   return bytes;
 }
 
-/** Bytes of the logdir after folding as `fold` says (exact: measures the level it makes). */
-function projectedBytes(manifest: Manifest, fold: FoldResult): number {
+/** How many bytes folding as `fold` says adds to the logdir (negative: reclaims), exactly. */
+function foldDeltaBytes(manifest: Manifest, fold: FoldResult): number {
   if (fold.foldedEntries === 0) return 0;
-  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
-  return measureLevel(fold.map).sizeBytes - levelBytes - fold.consumedBytes;
+  return measureLevel(fold.map).sizeBytes - levelTotals(manifest).sizeBytes - fold.consumedBytes;
+}
+
+/** Entries and bytes of the levels of `manifest`. */
+function levelTotals(manifest: Manifest): { entries: number; sizeBytes: number } {
+  let entries = 0;
+  let sizeBytes = 0;
+  for (const level of manifest.levels) {
+    entries += level.entries;
+    sizeBytes += level.sizeBytes;
+  }
+  return { entries, sizeBytes };
 }
 
 interface NamedMark {
@@ -554,12 +563,6 @@ function findMarks(
 /** Most bytes {@linkcode wholeHeaders} reads at once. */
 const HEADER_WINDOW_BYTES = 256 * 1024;
 
-/**
- * The headers of a file of whole entries up to `endBytes` (a sealed segment, a level, or the
- * valid part of a live segment), checked strictly. Small entries are read a window at a time, so
- * a scan costs one syscall per window instead of one per entry (a pread costs more than reading
- * the payloads between a window's headers); after a large entry, only the next header is read.
- */
 function corruptEntry(path: string, offsetBytes: number, problem: string): IntegrityError {
   return new IntegrityError(`Corrupt entry in ${path} at offset ${offsetBytes}: ${problem}`, {
     path,
@@ -567,6 +570,12 @@ function corruptEntry(path: string, offsetBytes: number, problem: string): Integ
   });
 }
 
+/**
+ * The headers of a file of whole entries up to `endBytes` (a sealed segment, a level, or the
+ * valid part of a live segment), checked strictly. Small entries are read a window at a time, so
+ * a scan costs one syscall per window instead of one per entry (a pread costs more than reading
+ * the payloads between a window's headers); after a large entry, only the next header is read.
+ */
 function* wholeHeaders(
   path: string,
   endBytes: number,
@@ -576,7 +585,7 @@ function* wholeHeaders(
     const fileBytes = fs.fstatSync(fd).size;
     if (fileBytes < endBytes) {
       throw new IntegrityError(
-        `Segment ${path} is ${fileBytes} bytes, expected ${endBytes}: it was truncated`,
+        `File ${path} is ${fileBytes} bytes, expected ${endBytes}: it was truncated`,
         { path, offsetBytes: fileBytes },
       );
     }
@@ -659,7 +668,7 @@ function foldEntries(input: FoldInput): FoldResult {
     nextEntryUs: undefined,
     marks: [],
   };
-  const levelBytes = manifest.levels.reduce((sum, level) => sum + level.sizeBytes, 0);
+  const levelBytes = levelTotals(manifest).sizeBytes;
   const totalBytes = segments.reduce((sum, segment) => sum + segment.endBytes, 0);
   const order = new OrderCheck();
   for (const [index, segment] of segments.entries()) {
@@ -1219,10 +1228,9 @@ function finish(
   let entriesAfter = plan.entriesBefore;
   let bytesAfter = plan.bytesBefore;
   if (folded) {
-    entriesAfter += level!.entries - fold.consumedEntries -
-      manifest.levels.reduce((sum, old) => sum + old.entries, 0);
-    bytesAfter += level!.sizeBytes - fold.consumedBytes -
-      manifest.levels.reduce((sum, old) => sum + old.sizeBytes, 0);
+    const old = levelTotals(manifest);
+    entriesAfter += level!.entries - fold.consumedEntries - old.entries;
+    bytesAfter += level!.sizeBytes - fold.consumedBytes - old.sizeBytes;
   }
   const logdirBytesAfter = plan.logdirBytesBefore - plan.bytesBefore + bytesAfter;
   const warnings = [...plan.warnings];

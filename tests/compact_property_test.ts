@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { main } from "../cli/main.ts";
 import { compactLogdir, type CompactResult } from "../lib/compact.ts";
 import { LogAssistedDisk } from "../lib/disk.ts";
+import { IntegrityError } from "../lib/errors.ts";
 import { LEVELS_DIR, readLogEntries, readManifest } from "../lib/format/logdir.ts";
 import { SegmentScanner } from "../lib/format/segment.ts";
 import { takeSnapshot } from "../lib/snapshot.ts";
@@ -229,5 +230,43 @@ Deno.test("claim 38: `compact --keep 0` leaves exactly one entry for a sector wr
       "the surviving sector",
     );
     await checkVerify(logdir);
+  });
+});
+
+Deno.test("compactLogdir() reports a corrupt payload it would keep instead of copying it into the level", async () => {
+  await withSeed(async (random) => {
+    await withTempDir(async (dir) => {
+      const w = await makeWorkload(dir, random);
+      await appendSteps(w, random, 30);
+      const disk = await LogAssistedDisk.open(w.devicePath, w.logdir, { clock: w.clock.fn });
+      await disk.write(0, new Uint8Array(4096).fill(5)); // the last change: it survives the fold
+      await disk.close();
+      const manifest = await readManifest(w.logdir);
+      let last: { path: string; offsetBytes: number } | undefined;
+      for await (const entry of readLogEntries(w.logdir, manifest, { headersOnly: true })) {
+        if (entry.header.kind === "write") {
+          last = { path: entry.segmentPath, offsetBytes: entry.fileOffsetBytes };
+        }
+      }
+      assert.ok(last !== undefined);
+      const file = await Deno.open(last.path, { read: true, write: true });
+      const byte = new Uint8Array(1);
+      await file.seek(last.offsetBytes + 64, Deno.SeekMode.Start);
+      await file.read(byte);
+      byte[0] ^= 0xff;
+      await file.seek(last.offsetBytes + 64, Deno.SeekMode.Start);
+      await file.write(byte);
+      file.close();
+      await assert.rejects(
+        compactLogdir(w.logdir, { cutUs: w.clock.nowUs, nowUs: w.clock.nowUs }),
+        (error: Error) => {
+          assert.ok(error instanceof IntegrityError, `IntegrityError, got ${error}`);
+          assert.match(error.message, /bad payload checksum/);
+          return true;
+        },
+      );
+      assert.equal((await readManifest(w.logdir)).horizonUs, manifest.horizonUs, "unchanged");
+      assert.deepEqual(Deno.readDirSync(join(w.logdir, LEVELS_DIR)).toArray(), []);
+    });
   });
 });
