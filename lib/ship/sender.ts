@@ -78,6 +78,8 @@ export const SENDER_HANDSHAKE_MS_MAX = 15_000;
 export const ATTEMPTS_MAX = 4;
 /** How often progress (with lag) is reported. */
 export const REPORT_MS = 1_000;
+/** How often an idle follow checks that the log has not moved on without it (a compaction). */
+const OVERTAKEN_CHECK_MS = 2_000;
 
 /** Where to ship to. */
 export interface ShipTarget {
@@ -367,6 +369,7 @@ class SenderSession {
   #idleMsMax = 60_000;
   #lastSendMs = performance.now();
   #lastReportMs = 0;
+  #lastOvertakenCheckMs = 0;
   #sentSeq = 0;
   #lastReadSeq = 0;
   #totalBytes = 0;
@@ -720,8 +723,11 @@ class SenderSession {
       }
       await flush();
       if (!follow) break;
-      tail.checkOvertaken();
-      this.#report(tail, this.#acks.ackedSeq >= this.#sentSeq);
+      if (performance.now() - this.#lastOvertakenCheckMs > OVERTAKEN_CHECK_MS) {
+        this.#lastOvertakenCheckMs = performance.now();
+        tail.checkOvertaken();
+      }
+      this.#report(tail, false);
       await this.#keepAlive();
       await this.#acks.waitForChange(this.#options.pollMs ?? POLL_MS);
     }
