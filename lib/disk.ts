@@ -114,10 +114,14 @@ export class LogAssistedDisk implements BlockBackend {
       try {
         const replayedEntries = await replayUnflushed(writer, device);
         await writer.sealRecovered();
-        return new LogAssistedDisk(device, writer, {
+        const disk = new LogAssistedDisk(device, writer, {
           tornBytes: writer.recovery.tornBytes,
           replayedEntries,
         });
+        // Replayed writes are unflushed until the next flush entry; compaction will not seal
+        // past them, so the next flush (at the latest on close) must journal one.
+        disk.#dirtySinceFlush = replayedEntries > 0;
+        return disk;
       } catch (error) {
         await writer.close();
         throw error;

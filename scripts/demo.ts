@@ -89,7 +89,9 @@ try {
     rows[3][1] === rows[4][1] && rows[1][1] !== rows[4][1];
   step("Verify the logdir");
   await sectorlog("verify", logdir);
-  console.log(ok ? "\ndemo ok: each restore equals the disk as it was at its time" : "\ndemo FAILED");
+  console.log(
+    ok ? "\ndemo ok: each restore equals the disk as it was at its time" : "\ndemo FAILED",
+  );
   if (!ok) Deno.exitCode = 1;
 } finally {
   await Deno.remove(dir, { recursive: true });
