@@ -43,7 +43,6 @@ import {
   listSegments,
   LogdirLock,
   MANIFEST_FILE,
-  readLockHolder,
   readManifest,
   removeIfExists,
   SEGMENTS_DIR,
@@ -222,7 +221,10 @@ export async function compactLogdir(
     return finish(plan, { dryRun: true, startedMs });
   }
   await readManifest(logdir); // a clear error for a logdir that is not one, before any lock file
-  const lock = await CompactLock.acquire(logdir);
+  const lock = await LogdirLock.acquire(logdir, "compact", {
+    file: COMPACT_LOCK_FILE,
+    heldBy: "another compaction is running",
+  });
   try {
     const removedLeftovers = await removeLeftovers(logdir);
     const seal = await sealLiveSegment(logdir);
@@ -240,40 +242,6 @@ export async function compactLogdir(
 
 function formatCut(cutUs: number): string {
   return Number.isSafeInteger(cutUs) ? formatTimeUtc(cutUs) : String(cutUs);
-}
-
-/** `logdir/compact.lock`, flock'd for the length of a compaction. */
-class CompactLock {
-  #file: Deno.FsFile;
-
-  private constructor(file: Deno.FsFile) {
-    this.#file = file;
-  }
-
-  static async acquire(logdir: string): Promise<CompactLock> {
-    const path = join(logdir, COMPACT_LOCK_FILE);
-    const file = await Deno.open(path, { read: true, write: true, create: true });
-    if (!(await file.tryLock(true))) {
-      file.close();
-      const holder = await readLockHolder(path);
-      throw new BusyError(
-        `Cannot compact ${logdir}: another compaction is running` +
-          (holder === undefined ? ` (it holds ${path})` : ` (pid ${holder.pid}, holds ${path})`),
-        { holderPid: holder?.pid },
-      );
-    }
-    await file.truncate(0);
-    await file.write(new TextEncoder().encode(`${Deno.pid} compact\n`));
-    return new CompactLock(file);
-  }
-
-  release(): void {
-    try {
-      this.#file.truncateSync(0);
-    } finally {
-      this.#file.close();
-    }
-  }
 }
 
 // ---------------------------------------------------------------------------------------------

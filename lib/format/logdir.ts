@@ -116,16 +116,23 @@ export class LogdirLock {
     this.#file = file;
   }
 
-  /** Takes the lock or throws {@linkcode BusyError} naming the holder's pid. */
-  static async acquire(logdir: string, purpose: string): Promise<LogdirLock> {
-    const path = join(logdir, LOCK_FILE);
+  /**
+   * Takes the lock or throws {@linkcode BusyError} naming the holder's pid. `options.file` names
+   * another lock file in the logdir (compaction has its own), `options.heldBy` says who holds it.
+   */
+  static async acquire(
+    logdir: string,
+    purpose: string,
+    options: { file?: string; heldBy?: string } = {},
+  ): Promise<LogdirLock> {
+    const path = join(logdir, options.file ?? LOCK_FILE);
     const file = await Deno.open(path, { read: true, write: true, create: true });
     if (!(await file.tryLock(true))) {
       file.close();
       const holder = await readLockHolder(path);
       throw new BusyError(
-        `Cannot ${purpose} ${logdir}: another process holds its lock` +
-          (holder === undefined ? "" : ` (pid ${holder.pid}, ${holder.purpose})`),
+        `Cannot ${purpose} ${logdir}: ${options.heldBy ?? "another process holds its lock"}` +
+          (holder === undefined ? ` (${path})` : ` (pid ${holder.pid}, ${holder.purpose})`),
         { holderPid: holder?.pid },
       );
     }
