@@ -7,9 +7,10 @@ import { withTempDir } from "./_helpers.ts";
 Deno.test("dataExtents() finds the data of a sparse file and skips its holes", async () => {
   await withTempDir(async (dir) => {
     const path = join(dir, "sparse.img");
-    const fd = fs.openSync(path, "w");
     const sizeBytes = 64 * 1024 * 1024;
-    fs.ftruncateSync(fd, sizeBytes);
+    await Deno.writeFile(path, new Uint8Array(0));
+    await Deno.truncate(path, sizeBytes);
+    const fd = fs.openSync(path, "r+");
     const block = new Uint8Array(1024 * 1024).fill(7);
     fs.writeSync(fd, block, 0, block.length, 8 * 1024 * 1024);
     fs.writeSync(fd, block, 0, block.length, 40 * 1024 * 1024);
