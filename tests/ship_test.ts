@@ -639,3 +639,28 @@ Deno.test("shipLogdir() refuses a copy that diverged from the source unless forc
     })
   );
 });
+
+Deno.test("the receiver refuses connections over its limit and serves again once one closes", async () => {
+  await withTempDir(async (dir) => {
+    const events: ReceiverEvent[] = [];
+    const receiver = await startReceiver(join(dir, "store"), events, {
+      limits: { connectionsMax: 1 },
+    });
+    try {
+      const first = await rawConnect(receiver.addr.port);
+      const second = await Deno.connect({ hostname: "127.0.0.1", port: receiver.addr.port });
+      const refused = await readUntilClosed(new FrameReader(second), second);
+      assert.equal(refused.error?.code, "limit");
+      assert.match(messages(events), /1 connections open, the limit is 1/);
+      first.conn.close();
+      await waitUntil(async () => {
+        const third = await Deno.connect({ hostname: "127.0.0.1", port: receiver.addr.port });
+        const frame = await new FrameReader(third).read().catch(() => undefined);
+        third.close();
+        return frame?.type === FRAME_TYPES.SERVER_HELLO;
+      }, "a free connection slot");
+    } finally {
+      await receiver.close();
+    }
+  });
+});
