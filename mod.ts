@@ -15,6 +15,7 @@
  *
  * @module
  */
+export * from "./lib/address.ts";
 export * from "./lib/compact.ts";
 export * from "./lib/control.ts";
 export * from "./lib/device.ts";
@@ -32,7 +33,6 @@ export * from "./lib/nbd/constants.ts";
 export * from "./lib/nbd/memory_backend.ts";
 export * from "./lib/nbd/server.ts";
 export * from "./lib/restore.ts";
-export * from "./lib/ship/address.ts";
 export * from "./lib/ship/auth.ts";
 export * from "./lib/ship/host_store.ts";
 export * from "./lib/ship/log_tail.ts";

@@ -1,7 +1,7 @@
 /** `sectorlog receive <storedir> --listen HOST:PORT`: keep the shipped logs of many hosts. */
 import { Command, Option } from "commander";
 import { UsageError } from "../lib/errors.ts";
-import { parseHostPort } from "../lib/ship/address.ts";
+import { parseHostPort } from "../lib/address.ts";
 import { loadKeyFile, type ShipKey } from "../lib/ship/auth.ts";
 import {
   RECEIVE_CONNECTIONS_MAX,
@@ -12,6 +12,7 @@ import {
 } from "../lib/ship/receiver.ts";
 import { parseIntegerOption } from "./_errors.ts";
 import { say } from "./_output.ts";
+import { waitForStopSignal } from "./_signals.ts";
 
 interface ReceiveFlags {
   listen?: string;
@@ -99,7 +100,7 @@ export function receiveCommand(): Command {
           tls === undefined ? "plain TCP" : "TLS"
         }, ${key === undefined ? "no key" : "key required"}), storing hosts in ${storedir}`,
       );
-      await waitForSignal(receiver);
+      await waitForStopSignal(receiver.finished);
       say(
         "sectorlog receive: stopping: fsyncing and acking batches in flight, closing connections",
       );
@@ -132,17 +133,4 @@ async function loadTls(
     certPem: await read(flags.tlsCert, "--tls-cert"),
     keyPem: await read(flags.tlsKey, "--tls-key"),
   };
-}
-
-function waitForSignal(receiver: Receiver): Promise<void> {
-  return new Promise((resolve) => {
-    const handler = () => {
-      Deno.removeSignalListener("SIGINT", handler);
-      Deno.removeSignalListener("SIGTERM", handler);
-      resolve();
-    };
-    Deno.addSignalListener("SIGINT", handler);
-    Deno.addSignalListener("SIGTERM", handler);
-    receiver.finished.then(handler);
-  });
 }

@@ -1,7 +1,7 @@
 /** `sectorlog ship <logdir> <host:port> [--follow]`: send a journal to a receiver. */
 import { Command } from "commander";
 import { UsageError } from "../lib/errors.ts";
-import { parseHostPort } from "../lib/ship/address.ts";
+import { parseHostPort } from "../lib/address.ts";
 import { loadKeyFile } from "../lib/ship/auth.ts";
 import { type ShipEvent, shipLogdir, type ShipOptions } from "../lib/ship/sender.ts";
 import { formatTimeUtc } from "../lib/time.ts";

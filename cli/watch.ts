@@ -1,9 +1,11 @@
 /** `sectorlog watch <device> <logdir> (--socket PATH | --listen HOST:PORT)`: the LAD over NBD. */
 import { Command } from "commander";
+import { parseHostPort } from "../lib/address.ts";
 import { UsageError } from "../lib/errors.ts";
 import type { NbdListenOptions } from "../lib/nbd/server.ts";
 import { startWatch } from "../lib/watch.ts";
 import { formatBytes, say } from "./_output.ts";
+import { waitForStopSignal } from "./_signals.ts";
 
 interface WatchFlags {
   socket?: string;
@@ -57,7 +59,7 @@ export function watchCommand(): Command {
           flags.readOnly ? " read-only" : ""
         }, journal in ${logdir}`,
       );
-      await waitForSignal();
+      await waitForStopSignal();
       say("sectorlog watch: stopping: finishing requests in flight, flushing and sealing");
       await watch.stop();
       say("sectorlog watch: stopped cleanly");
@@ -71,22 +73,5 @@ function listenOptions(flags: WatchFlags): NbdListenOptions {
     );
   }
   if (flags.socket !== undefined) return { path: flags.socket };
-  const match = /^(.*):(\d+)$/.exec(flags.listen!);
-  const port = match === null ? NaN : Number(match[2]);
-  if (match === null || port > 65535) {
-    throw new UsageError(`Invalid --listen ${JSON.stringify(flags.listen)}: expected HOST:PORT`);
-  }
-  return { hostname: match[1].replace(/^\[(.*)\]$/, "$1") || "127.0.0.1", port };
-}
-
-function waitForSignal(): Promise<void> {
-  return new Promise((resolve) => {
-    const handler = () => {
-      Deno.removeSignalListener("SIGINT", handler);
-      Deno.removeSignalListener("SIGTERM", handler);
-      resolve();
-    };
-    Deno.addSignalListener("SIGINT", handler);
-    Deno.addSignalListener("SIGTERM", handler);
-  });
+  return parseHostPort(flags.listen!, "--listen");
 }

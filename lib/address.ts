@@ -1,9 +1,9 @@
 /**
- * `HOST:PORT` arguments of ship and receive.
+ * `HOST:PORT` arguments (watch, serve, ship, receive).
  *
  * @module
  */
-import { UsageError } from "../errors.ts";
+import { UsageError } from "./errors.ts";
 
 /** A TCP address. */
 export interface HostPort {
