@@ -14,6 +14,7 @@ import { logCommand } from "./log.ts";
 import { markCommand } from "./mark.ts";
 import { receiveCommand } from "./receive.ts";
 import { restoreCommand } from "./restore.ts";
+import { serveCommand } from "./serve.ts";
 import { shipCommand } from "./ship.ts";
 import { snapshotCommand } from "./snapshot.ts";
 import { verifyCommand } from "./verify.ts";
@@ -37,6 +38,7 @@ export function buildProgram(): Command {
       snapshotCommand(),
       watchCommand(),
       restoreCommand(),
+      serveCommand(),
       compactCommand(),
       logCommand(),
       verifyCommand(),

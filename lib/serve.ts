@@ -1,0 +1,105 @@
+/**
+ * serve: a read-only NBD export of the device as it was at a point in time, a
+ * {@linkcode PastView} behind an {@linkcode NbdServer}. It takes no lock: it only reads files,
+ * so `watch`, `receive` and `compact` go on meanwhile.
+ *
+ * @module
+ */
+import { UsageError } from "./errors.ts";
+import { type NbdListenOptions, type NbdLogger, NbdServer } from "./nbd/server.ts";
+import { PastView, type PastViewOptions } from "./past_view.ts";
+import { formatTimeUtc } from "./time.ts";
+
+/** Options of {@linkcode startServe}. */
+export interface ServeOptions extends PastViewOptions {
+  /** A unix socket path or a TCP address to serve NBD on. */
+  listen: NbdListenOptions;
+  /** The export name (default "", like qemu-nbd). */
+  exportName?: string;
+  /** Receives NBD server events. */
+  logger?: NbdLogger;
+}
+
+/** A running serve. */
+export interface ServeService {
+  view: PastView;
+  nbd: NbdServer;
+  /** Stops accepting, finishes requests in flight, closes connections and the view's files. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Opens a view of `logdir` at `options.at` and serves it read-only over NBD.
+ *
+ * @example
+ * ```ts ignore
+ * import { startServe } from "./serve.ts";
+ * import { parseTime } from "./time.ts";
+ * const serve = await startServe("/var/lib/sectorlog/vm1", {
+ *   at: parseTime("2026-11-24 02:13"),
+ *   listen: { path: "/run/sectorlog/vm1-0213.sock" },
+ * });
+ * // nbdfuse /mnt/past --unix /run/sectorlog/vm1-0213.sock
+ * await serve.stop();
+ * ```
+ */
+export async function startServe(logdir: string, options: ServeOptions): Promise<ServeService> {
+  const view = await PastView.open(logdir, options);
+  let nbd: NbdServer;
+  try {
+    if ("path" in options.listen) await removeStaleSocket(options.listen.path);
+    nbd = new NbdServer({
+      backend: view,
+      listen: options.listen,
+      exportName: options.exportName ?? "",
+      description: `sectorlog serve of ${logdir} as of ${formatTimeUtc(view.info.targetUs)}`,
+      logger: options.logger,
+    });
+  } catch (error) {
+    view.close();
+    throw error;
+  }
+  let stopping: Promise<void> | undefined;
+  return {
+    view,
+    nbd,
+    stop() {
+      stopping ??= (async () => {
+        try {
+          await nbd.close();
+        } finally {
+          view.close();
+        }
+      })();
+      return stopping;
+    },
+  };
+}
+
+/**
+ * Removes a unix socket file left behind by a server that died, as `watch` does; refuses a path
+ * that is not a socket or where a server still answers.
+ */
+async function removeStaleSocket(path: string): Promise<void> {
+  let stat: Deno.FileInfo;
+  try {
+    stat = await Deno.lstat(path);
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) return;
+    throw error;
+  }
+  if (stat.isSocket !== true) {
+    throw new UsageError(`Cannot listen on ${path}: it exists and is not a socket`);
+  }
+  try {
+    const conn = await Deno.connect({ transport: "unix", path });
+    conn.close();
+  } catch (error) {
+    if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
+    await Deno.remove(path);
+    return;
+  }
+  throw new UsageError(`Cannot listen on ${path}: another server is listening there`, {
+    hint: "stop that server or choose another --socket path",
+  });
+}
