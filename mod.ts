@@ -19,6 +19,7 @@ export * from "./lib/address.ts";
 export * from "./lib/compact.ts";
 export * from "./lib/control.ts";
 export * from "./lib/device.ts";
+export * from "./lib/diff.ts";
 export * from "./lib/disk.ts";
 export * from "./lib/errors.ts";
 export * from "./lib/format/entry.ts";

@@ -10,6 +10,7 @@ import { ENTRY_FORMAT_VERSION } from "../lib/format/entry.ts";
 import { MANIFEST_FORMAT_VERSION } from "../lib/format/manifest.ts";
 import { reportError } from "./_errors.ts";
 import { compactCommand } from "./compact.ts";
+import { diffCommand } from "./diff.ts";
 import { logCommand } from "./log.ts";
 import { markCommand } from "./mark.ts";
 import { receiveCommand } from "./receive.ts";
@@ -39,6 +40,7 @@ export function buildProgram(): Command {
       watchCommand(),
       restoreCommand(),
       serveCommand(),
+      diffCommand(),
       compactCommand(),
       logCommand(),
       verifyCommand(),
