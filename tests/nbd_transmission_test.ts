@@ -17,10 +17,12 @@ import {
   NBD_EIO,
   NBD_ENOSPC,
   NBD_EPERM,
+  NBD_SIMPLE_REPLY_BYTES,
   nbdErrorName,
 } from "../lib/nbd/constants.ts";
 import { MemoryBackend } from "../lib/nbd/memory_backend.ts";
-import { REQUESTS_IN_FLIGHT_MAX } from "../lib/nbd/transmission.ts";
+import { SocketReader } from "../lib/nbd/_socket.ts";
+import { REQUESTS_IN_FLIGHT_MAX, TransmissionSession } from "../lib/nbd/transmission.ts";
 import {
   encodeRequest,
   pattern,
@@ -636,4 +638,272 @@ Deno.test("transmission: error names come from the constants table", () => {
     [NBD_EINVAL, NBD_ENOSPC, NBD_EPERM, NBD_EIO, 0, 12345].map(nbdErrorName),
     ["NBD_EINVAL", "NBD_ENOSPC", "NBD_EPERM", "NBD_EIO", "OK", "NBD_E?(12345)"],
   );
+});
+
+/**
+ * A `Deno.Conn` stand-in for one {@linkcode TransmissionSession}: the test feeds the bytes the
+ * server reads, one pushed chunk per read at most, and sees every write the server makes, so
+ * that how replies are grouped into writes can be checked exactly.
+ */
+class ScriptedConn {
+  readonly writes: Uint8Array[] = [];
+  #incoming: Uint8Array[] = [];
+  #ended = false;
+  #pendingRead: { buffer: Uint8Array; resolve: (count: number | null) => void } | null = null;
+
+  /** True while the server waits in `read()` for bytes the test has not pushed yet. */
+  get readPending(): boolean {
+    return this.#pendingRead !== null;
+  }
+
+  push(...requests: Uint8Array[]): void {
+    const chunk = new Uint8Array(requests.reduce((sum, request) => sum + request.length, 0));
+    let at = 0;
+    for (const request of requests) {
+      chunk.set(request, at);
+      at += request.length;
+    }
+    this.#incoming.push(chunk);
+    this.#serveRead();
+  }
+
+  end(): void {
+    this.#ended = true;
+    this.#serveRead();
+  }
+
+  read(buffer: Uint8Array): Promise<number | null> {
+    assert.equal(this.#pendingRead, null, "concurrent reads");
+    const { promise, resolve } = Promise.withResolvers<number | null>();
+    this.#pendingRead = { buffer, resolve };
+    this.#serveRead();
+    return promise;
+  }
+
+  write(bytes: Uint8Array): Promise<number> {
+    this.writes.push(bytes.slice());
+    return Promise.resolve(bytes.length);
+  }
+
+  close(): void {}
+
+  #serveRead(): void {
+    const pending = this.#pendingRead;
+    if (pending === null) return;
+    const chunk = this.#incoming[0];
+    if (chunk === undefined && !this.#ended) return;
+    this.#pendingRead = null;
+    if (chunk === undefined) return pending.resolve(null);
+    const count = Math.min(chunk.length, pending.buffer.length);
+    pending.buffer.set(chunk.subarray(0, count));
+    if (count === chunk.length) this.#incoming.shift();
+    else this.#incoming[0] = chunk.subarray(count);
+    pending.resolve(count);
+  }
+}
+
+/** A session over a {@linkcode ScriptedConn}, already reading. */
+function startScriptedSession(backend: BlockBackend) {
+  const conn = new ScriptedConn();
+  const fakeConn = conn as unknown as Deno.Conn;
+  const session = new TransmissionSession(fakeConn, new SocketReader(fakeConn), { backend });
+  return { conn, session, running: session.run() };
+}
+
+/** Lets every pending microtask and zero-delay callback run. */
+function settle(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, 0));
+}
+
+/** Splits the bytes of `writes` into simple replies; `readLengths` gives READ data lengths. */
+function decodeReplies(writes: Uint8Array[], readLengths: Map<bigint, number>): SimpleReply[] {
+  const bytes = new Uint8Array(writes.reduce((sum, write) => sum + write.length, 0));
+  let at = 0;
+  for (const write of writes) {
+    bytes.set(write, at);
+    at += write.length;
+  }
+  const view = new DataView(bytes.buffer);
+  const replies: SimpleReply[] = [];
+  for (at = 0; at < bytes.length;) {
+    const error = view.getUint32(at + 4);
+    const handle = view.getBigUint64(at + 8);
+    const dataBytes = error === 0 ? readLengths.get(handle) ?? 0 : 0;
+    at += NBD_SIMPLE_REPLY_BYTES;
+    replies.push({ error, handle, data: bytes.slice(at, at + dataBytes) });
+    at += dataBytes;
+  }
+  assert.equal(at, bytes.length, "a reply was cut short");
+  return replies;
+}
+
+Deno.test("transmission: replies to requests that arrive together leave in one write", async () => {
+  const backend = new MemoryBackend({ sizeBytes: MiB });
+  const { conn, running } = startScriptedSession(backend);
+  const requests: Uint8Array[] = [];
+  const readLengths = new Map<bigint, number>();
+  for (let i = 0; i < 16; i++) {
+    const payload = pattern(4096, i + 1);
+    requests.push(
+      encodeRequest({ type: NBD_CMD_WRITE, handle: BigInt(i), offset: i * 4096, payload }),
+    );
+    const handle = BigInt(100 + i);
+    readLengths.set(handle, 512);
+    requests.push(
+      encodeRequest({ type: NBD_CMD_READ, handle, offset: 64 * KiB + i * 512, length: 512 }),
+    );
+  }
+  conn.push(...requests);
+  await settle();
+  assert.equal(conn.writes.length, 1, "the 32 replies were split over several writes");
+  assert.ok(conn.readPending);
+  const replies = decodeReplies(conn.writes, readLengths);
+  assert.equal(replies.length, 32);
+  assert.ok(replies.every((reply) => reply.error === 0));
+  assert.equal(new Set(replies.map((reply) => reply.handle)).size, 32);
+  assert.equal(backend.bytes[15 * 4096], 16);
+  conn.end();
+  await running;
+});
+
+Deno.test("transmission: a lone request is answered before the server waits for the next", async () => {
+  const backend = new MemoryBackend({ sizeBytes: MiB });
+  backend.bytes.fill(7, 0, 512);
+  const { conn, running } = startScriptedSession(backend);
+  conn.push(encodeRequest({ type: NBD_CMD_READ, handle: 1n, offset: 0, length: 512 }));
+  await settle();
+  // The server waits in read() for the next request and has already sent this reply.
+  assert.ok(conn.readPending);
+  assert.deepEqual(decodeReplies(conn.writes, new Map([[1n, 512]])), [
+    { error: 0, handle: 1n, data: pattern(512, 7) },
+  ]);
+  conn.push(encodeRequest({ type: NBD_CMD_WRITE, handle: 2n, payload: pattern(512, 1) }));
+  await settle();
+  assert.equal(conn.writes.length, 2);
+  conn.end();
+  await running;
+});
+
+Deno.test("transmission: a request that completes while the reader waits is answered at once", async () => {
+  const backend = new GatedBackend();
+  const write = backend.hold((call) => call.kind === "write");
+  const { conn, running } = startScriptedSession(backend);
+  conn.push(
+    encodeRequest({ type: NBD_CMD_WRITE, handle: 1n, offset: 0, payload: pattern(4096, 1) }),
+    encodeRequest({ type: NBD_CMD_READ, handle: 2n, offset: 8192, length: 512 }),
+  );
+  await write.reached;
+  await settle();
+  assert.deepEqual(decodeReplies(conn.writes, new Map([[2n, 512]])).map((reply) => reply.handle), [
+    2n,
+  ]);
+  write.release();
+  await settle();
+  assert.deepEqual(decodeReplies(conn.writes, new Map([[2n, 512]])).map((reply) => reply.handle), [
+    2n,
+    1n,
+  ]);
+  conn.end();
+  await running;
+});
+
+/** A MemoryBackend that remembers which ArrayBuffers the server lent it. */
+class BufferTrackingBackend extends MemoryBackend {
+  readonly buffersSeen = new Set<ArrayBufferLike>();
+
+  override read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    this.buffersSeen.add(buffer.buffer);
+    return super.read(offsetBytes, buffer);
+  }
+
+  override write(
+    offsetBytes: number,
+    data: Uint8Array,
+    options?: BackendWriteOptions,
+  ): Promise<void> {
+    this.buffersSeen.add(data.buffer);
+    return super.write(offsetBytes, data, options);
+  }
+}
+
+Deno.test("transmission: one request after another reuses one pooled buffer", async () => {
+  const backend = new BufferTrackingBackend({ sizeBytes: 4 * MiB });
+  const t = await startTestServer({ backend });
+  const client = await t.connect();
+  try {
+    for (let i = 0; i < 16; i++) {
+      const offset = i * 64 * KiB;
+      await client.sendRequest({
+        type: NBD_CMD_WRITE,
+        handle: 1n,
+        offset,
+        payload: pattern(64 * KiB, i),
+      });
+      assert.equal((await client.mustReadReply()).error, 0);
+      await client.sendRead(2n, offset, 64 * KiB);
+      assert.deepEqual((await client.mustReadReply()).data, pattern(64 * KiB, i));
+    }
+    assert.equal(backend.buffersSeen.size, 1);
+  } finally {
+    client.close();
+    await t.close();
+  }
+});
+
+Deno.test("transmission: a write's buffer is not reused while the backend holds it", async () => {
+  const backend = new GatedBackend();
+  const held = backend.hold((call) => call.kind === "write" && call.offset === 0);
+  const t = await startTestServer({ backend });
+  const client = await t.connect();
+  try {
+    await client.sendRequest({
+      type: NBD_CMD_WRITE,
+      handle: 1n,
+      offset: 0,
+      payload: pattern(8192, 1),
+    });
+    await held.reached;
+    // Same size class, completed while the first is held: each takes a buffer of its own.
+    for (let i = 0; i < 8; i++) {
+      const offset = (i + 1) * 8192;
+      await client.sendRequest({
+        type: NBD_CMD_WRITE,
+        handle: 2n,
+        offset,
+        payload: pattern(8192, 2),
+      });
+      assert.equal((await client.mustReadReply()).handle, 2n);
+    }
+    held.release();
+    assert.deepEqual(await client.mustReadReply(), {
+      error: 0,
+      handle: 1n,
+      data: new Uint8Array(0),
+    });
+    assert.deepEqual(backend.inner.bytes.subarray(0, 8192), pattern(8192, 1));
+  } finally {
+    client.close();
+    await t.close();
+  }
+});
+
+Deno.test("transmission: reads of every reply size come back whole", async () => {
+  const sizes = [1, 512, 4096, 4097, 16 * KiB, 16 * KiB + 1, 64 * KiB, MiB, MiB + 1];
+  const backend = new MemoryBackend({ sizeBytes: 16 * MiB });
+  sizes.forEach((size, i) => backend.bytes.fill(i + 1, i * MiB, i * MiB + size));
+  const t = await startTestServer({ backend });
+  const client = await t.connect();
+  try {
+    // Pipelined, so that small replies share the batch while large ones go out on their own.
+    for (const [i, size] of sizes.entries()) await client.sendRead(BigInt(i), i * MiB, size);
+    const replies = await readReplies(client, sizes.length);
+    for (const [i, size] of sizes.entries()) {
+      const reply = replies.get(BigInt(i))!;
+      assert.equal(reply.error, 0);
+      assert.deepEqual(reply.data, pattern(size, i + 1), `read of ${size} bytes`);
+    }
+  } finally {
+    client.close();
+    await t.close();
+  }
 });

@@ -97,6 +97,14 @@ export class SocketReader {
     return true;
   }
 
+  /**
+   * Copies as many buffered bytes as fit into `destination`, consumes them, and returns their
+   * count. Never waits: the synchronous path for a payload that arrived with its header.
+   */
+  takeBuffered(destination: Uint8Array): number {
+    return this.#copyBuffered(destination, 0);
+  }
+
   /** Reads and drops the next `bytes` bytes. Returns false when the peer closed first. */
   async skip(bytes: number): Promise<boolean> {
     let remaining = bytes;

@@ -20,6 +20,13 @@ export interface BackendZeroOptions extends BackendWriteOptions {
 /**
  * A block device as the NBD server sees it. Offsets and lengths are validated by the server
  * before a call: every call is within `[0, sizeBytes)`.
+ *
+ * Buffers are lent, not given: the `buffer` of {@linkcode BlockBackend.read} and the `data` of
+ * {@linkcode BlockBackend.write} belong to the server's buffer pool, and the server reuses them
+ * for other requests as soon as the call's promise settles (resolved or rejected). A backend
+ * must not read, write or keep a reference to them after that; one that needs the bytes later
+ * (a write-back cache, say) copies them before settling. Options objects are shared between
+ * calls and frozen.
  */
 export interface BlockBackend {
   /** The export size in bytes. */
@@ -28,9 +35,12 @@ export interface BlockBackend {
   readonly readOnly: boolean;
   /** True when a flush on one connection makes writes of every connection durable. */
   readonly canMultiConn: boolean;
-  /** Reads `buffer.length` bytes at `offsetBytes` into `buffer`. */
+  /** Reads `buffer.length` bytes at `offsetBytes` into `buffer` (lent until the promise settles). */
   read(offsetBytes: number, buffer: Uint8Array): Promise<void>;
-  /** Writes `data` at `offsetBytes`. The promise resolves once the write is visible to reads. */
+  /**
+   * Writes `data` at `offsetBytes`. The promise resolves once the write is visible to reads;
+   * `data` is lent until the promise settles.
+   */
   write(offsetBytes: number, data: Uint8Array, options?: BackendWriteOptions): Promise<void>;
   /** Writes zeroes over the range. */
   zero(offsetBytes: number, lengthBytes: number, options?: BackendZeroOptions): Promise<void>;
