@@ -8,8 +8,10 @@ import { Command } from "commander";
 import denoJson from "../deno.json" with { type: "json" };
 import { ENTRY_FORMAT_VERSION } from "../lib/format/entry.ts";
 import { MANIFEST_FORMAT_VERSION } from "../lib/format/manifest.ts";
+import { PROTOCOL_VERSION } from "../lib/ship/wire.ts";
 import { reportError } from "./_errors.ts";
 import { compactCommand } from "./compact.ts";
+import { completionsCommand } from "./completions.ts";
 import { diffCommand } from "./diff.ts";
 import { logCommand } from "./log.ts";
 import { markCommand } from "./mark.ts";
@@ -26,7 +28,7 @@ export function buildProgram(): Command {
   const program = new Command("sectorlog")
     .description("continuous point-in-time backup for block devices")
     .version(
-      `sectorlog ${denoJson.version} (logdir format ${MANIFEST_FORMAT_VERSION}, entry format ${ENTRY_FORMAT_VERSION})`,
+      `sectorlog ${denoJson.version} (logdir format ${MANIFEST_FORMAT_VERSION}, entry format ${ENTRY_FORMAT_VERSION}, ship protocol ${PROTOCOL_VERSION})`,
       "-V, --version",
     )
     .addHelpText(
@@ -47,6 +49,7 @@ export function buildProgram(): Command {
       markCommand(),
       shipCommand(),
       receiveCommand(),
+      completionsCommand(),
     ]
   ) {
     program.addCommand(command);

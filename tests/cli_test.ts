@@ -65,14 +65,14 @@ Deno.test("every subcommand's --help exits 0 and shows an example", async () => 
   assert.match(viaHelp.stdout, /--to-flush/);
 });
 
-Deno.test("--version prints the program, logdir format and entry format versions", async () => {
+Deno.test("--version prints the program, format and ship protocol versions", async () => {
   for (const flag of ["--version", "-V"]) {
     const result = await runCliOk([flag]);
     assert.match(
       result.stdout.trim(),
       new RegExp(
         `^sectorlog ${denoJson.version.replaceAll(".", "\\.")} ` +
-          `\\(logdir format \\d+, entry format \\d+\\)$`,
+          `\\(logdir format \\d+, entry format \\d+, ship protocol \\d+\\)$`,
       ),
     );
   }
