@@ -35,6 +35,7 @@ export * from "./lib/nbd/memory_backend.ts";
 export * from "./lib/nbd/server.ts";
 export * from "./lib/past_view.ts";
 export * from "./lib/restore.ts";
+export * from "./lib/restore_in_place.ts";
 export * from "./lib/serve.ts";
 export * from "./lib/ship/auth.ts";
 export * from "./lib/ship/host_store.ts";
