@@ -38,6 +38,10 @@ export function shellWords(line: string): string[] {
 export function commandLineProblems(words: string[]): string[] {
   const program = buildProgram();
   const [name, ...rest] = words;
+  if (name?.startsWith("-")) {
+    const root = [...program.options.flatMap((o) => [o.long, o.short]), "--help", "-h"];
+    return root.includes(name) ? [] : [`unknown option ${name}`];
+  }
   const command = program.commands.find((c) => c.name() === name) as Command | undefined;
   if (command === undefined) return [`unknown subcommand ${JSON.stringify(name)}`];
   const problems: string[] = [];
