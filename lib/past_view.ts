@@ -75,6 +75,8 @@ interface Source {
   fd: number;
   /** Entries (by header offset) whose payload checksum a read has already checked. */
   verified: Set<number>;
+  /** Checks under way (and failed ones, so that every later read of the entry fails too). */
+  checking: Map<number, Promise<void>>;
 }
 
 /**
@@ -182,18 +184,56 @@ export class PastView implements BlockBackend {
     }
   }
 
-  /** Fills `buffer` with the device's bytes at `offsetBytes` as they were at the view's time. */
-  read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
-    try {
-      this.readSync(offsetBytes, buffer);
-      return Promise.resolve();
-    } catch (error) {
-      return Promise.reject(error);
-    }
+  /**
+   * Fills `buffer` with the device's bytes at `offsetBytes` as they were at the view's time. The
+   * pieces of one read are read in parallel on the thread pool, and so are concurrent reads: on a
+   * cold cache, the journal's scattered payloads need many reads in flight to keep a disk busy.
+   */
+  async read(offsetBytes: number, buffer: Uint8Array): Promise<void> {
+    const reads: Promise<void>[] = [];
+    this.#walk(offsetBytes, buffer, (target, source, position, entryOffsetBytes) => {
+      if (source === undefined) target.fill(0);
+      else if (entryOffsetBytes === undefined || !this.#verifyPayloads) {
+        reads.push(preadFully(source.fd, target, position));
+      } else {
+        reads.push(
+          this.#verifyEntry(source, entryOffsetBytes).then(() =>
+            preadFully(source.fd, target, position)
+          ),
+        );
+      }
+    });
+    // The buffer is lent until this settles: wait for every read, even after one failed.
+    const outcomes = await Promise.allSettled(reads);
+    const failed = outcomes.find((outcome) => outcome.status === "rejected");
+    if (failed !== undefined) throw (failed as PromiseRejectedResult).reason;
   }
 
-  /** Synchronous {@linkcode PastView.read}. */
+  /** {@linkcode PastView.read} with synchronous reads, one piece after the other. */
   readSync(offsetBytes: number, buffer: Uint8Array): void {
+    this.#walk(offsetBytes, buffer, (target, source, position, entryOffsetBytes) => {
+      if (source === undefined) return target.fill(0);
+      if (entryOffsetBytes !== undefined && this.#verifyPayloads) {
+        this.#verifyEntrySync(source, entryOffsetBytes);
+      }
+      readFully(source.fd, target, target.length, position);
+    });
+  }
+
+  /**
+   * Cuts the read of `buffer.length` bytes at `offsetBytes` into pieces and calls `visit` for
+   * each, in order: zeroes (no source), base ranges (the base, no entry) and entry payloads.
+   */
+  #walk(
+    offsetBytes: number,
+    buffer: Uint8Array,
+    visit: (
+      target: Uint8Array,
+      source: Source | undefined,
+      position: number,
+      entry?: number,
+    ) => void,
+  ): void {
     assert(!this.#closed, "read from a closed PastView");
     const end = offsetBytes + buffer.length;
     assert(
@@ -206,22 +246,19 @@ export class PastView implements BlockBackend {
     while (position < end) {
       const done = position - offsetBytes;
       if (index < starts.length && starts[index] <= position) {
-        const extentEnd = starts[index] + this.#lengths[index];
-        const pieceEnd = Math.min(end, extentEnd);
+        const pieceEnd = Math.min(end, starts[index] + this.#lengths[index]);
         const target = buffer.subarray(done, done + pieceEnd - position);
         const sourceIndex = this.#sourceIndexes[index];
-        if (sourceIndex < 0) target.fill(0);
+        if (sourceIndex < 0) visit(target, undefined, 0);
         else {
-          const source = this.#sources[sourceIndex];
-          if (this.#verifyPayloads) this.#verifyEntry(source, this.#entryOffsets[index]);
           const from = this.#sourceOffsets[index] + (position - starts[index]);
-          readFully(source.fd, target, target.length, from);
+          visit(target, this.#sources[sourceIndex], from, this.#entryOffsets[index]);
         }
         position = pieceEnd;
         index++;
       } else {
         const gapEnd = index < starts.length ? Math.min(end, starts[index]) : end;
-        readFully(this.#base.fd, buffer.subarray(done), gapEnd - position, position);
+        visit(buffer.subarray(done, done + gapEnd - position), this.#base, position);
         position = gapEnd;
       }
     }
@@ -239,34 +276,44 @@ export class PastView implements BlockBackend {
     return low;
   }
 
-  /** Checks the payload checksum of the entry at `entryOffsetBytes` once per view. */
-  #verifyEntry(source: Source, entryOffsetBytes: number): void {
+  /**
+   * Checks the payload checksum of the entry at `entryOffsetBytes` once per view; concurrent
+   * reads of one entry share the check, and a failed check fails every later read of the entry.
+   */
+  #verifyEntry(source: Source, entryOffsetBytes: number): Promise<void> {
+    if (source.verified.has(entryOffsetBytes)) return Promise.resolve();
+    let check = source.checking.get(entryOffsetBytes);
+    if (check === undefined) {
+      check = (async () => {
+        const headerBytes = new Uint8Array(ENTRY_HEADER_BYTES);
+        await preadFully(source.fd, headerBytes, entryOffsetBytes);
+        const header = decodeHeaderAt(source, headerBytes, entryOffsetBytes);
+        const payload = new Uint8Array(header.payloadBytes);
+        await preadFully(source.fd, payload, entryOffsetBytes + ENTRY_HEADER_BYTES);
+        checkPayload(source, header, payload, entryOffsetBytes);
+        source.verified.add(entryOffsetBytes);
+        source.checking.delete(entryOffsetBytes);
+      })();
+      source.checking.set(entryOffsetBytes, check);
+    }
+    return check;
+  }
+
+  #verifyEntrySync(source: Source, entryOffsetBytes: number): void {
     if (source.verified.has(entryOffsetBytes)) return;
-    const header = this.#readHeader(source, entryOffsetBytes);
+    const headerBytes = new Uint8Array(ENTRY_HEADER_BYTES);
+    readFully(source.fd, headerBytes, ENTRY_HEADER_BYTES, entryOffsetBytes);
+    const header = decodeHeaderAt(source, headerBytes, entryOffsetBytes);
     const bytes = ENTRY_HEADER_BYTES + header.payloadBytes;
     if (this.#scratch.length < bytes) this.#scratch = new Uint8Array(bytes);
     readFully(source.fd, this.#scratch, bytes, entryOffsetBytes);
-    const payload = this.#scratch.subarray(ENTRY_HEADER_BYTES, bytes);
-    if (!payloadMatches(header, payload)) {
-      throw new IntegrityError(
-        `Corrupt entry in ${source.path} at offset ${entryOffsetBytes}: bad payload checksum`,
-        { path: source.path, offsetBytes: entryOffsetBytes },
-      );
-    }
+    checkPayload(
+      source,
+      header,
+      this.#scratch.subarray(ENTRY_HEADER_BYTES, bytes),
+      entryOffsetBytes,
+    );
     source.verified.add(entryOffsetBytes);
-  }
-
-  #readHeader(source: Source, entryOffsetBytes: number): EntryHeader {
-    const headerBytes = new Uint8Array(ENTRY_HEADER_BYTES);
-    readFully(source.fd, headerBytes, ENTRY_HEADER_BYTES, entryOffsetBytes);
-    const decoded = decodeEntryHeader(headerBytes);
-    if (!decoded.ok) {
-      throw new IntegrityError(
-        `Corrupt entry in ${source.path} at offset ${entryOffsetBytes}: ${decoded.problem}`,
-        { path: source.path, offsetBytes: entryOffsetBytes },
-      );
-    }
-    return decoded.header;
   }
 
   /**
@@ -313,6 +360,50 @@ export class PastView implements BlockBackend {
   }
 }
 
+function decodeHeaderAt(source: Source, bytes: Uint8Array, entryOffsetBytes: number): EntryHeader {
+  const decoded = decodeEntryHeader(bytes);
+  if (!decoded.ok) {
+    throw new IntegrityError(
+      `Corrupt entry in ${source.path} at offset ${entryOffsetBytes}: ${decoded.problem}`,
+      { path: source.path, offsetBytes: entryOffsetBytes },
+    );
+  }
+  return decoded.header;
+}
+
+function checkPayload(
+  source: Source,
+  header: EntryHeader,
+  payload: Uint8Array,
+  entryOffsetBytes: number,
+): void {
+  if (!payloadMatches(header, payload)) {
+    throw new IntegrityError(
+      `Corrupt entry in ${source.path} at offset ${entryOffsetBytes}: bad payload checksum`,
+      { path: source.path, offsetBytes: entryOffsetBytes },
+    );
+  }
+}
+
+/** Reads exactly `target.length` bytes at `position` on the thread pool, looping on short reads. */
+function preadFully(fd: number, target: Uint8Array, position: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    let done = 0;
+    const step = () => {
+      fs.read(fd, target, done, target.length - done, position + done, (error, count) => {
+        if (error !== null) return reject(error);
+        if (count === 0) {
+          return reject(new Error(`Unexpected end of file at offset ${position + done}`));
+        }
+        done += count;
+        if (done < target.length) step();
+        else resolve();
+      });
+    };
+    step();
+  });
+}
+
 function readOnlyError(): UsageError {
   return new UsageError("Cannot write to a view of the past: it is read-only");
 }
@@ -328,7 +419,7 @@ class SourceTable {
     let index = this.#byPath.get(path);
     if (index === undefined) {
       index = this.list.length;
-      this.list.push({ path, fd: openLogFile(path), verified: new Set() });
+      this.list.push({ path, fd: openLogFile(path), verified: new Set(), checking: new Map() });
       this.#byPath.set(path, index);
     }
     return index;
@@ -362,7 +453,7 @@ function openBase(logdir: string, manifest: Manifest): Source {
       { path, offsetBytes: Math.min(sizeBytes, manifest.deviceBytes) },
     );
   }
-  return { path, fd, verified: new Set() };
+  return { path, fd, verified: new Set(), checking: new Map() };
 }
 
 /** Folds every level of `manifest` into `map`, in order (later levels win). */
