@@ -33,6 +33,7 @@ export * from "./lib/nbd/backend.ts";
 export * from "./lib/nbd/constants.ts";
 export * from "./lib/nbd/memory_backend.ts";
 export * from "./lib/nbd/server.ts";
+export * from "./lib/overlay.ts";
 export * from "./lib/past_view.ts";
 export * from "./lib/restore.ts";
 export * from "./lib/restore_in_place.ts";

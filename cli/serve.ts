@@ -19,6 +19,7 @@ interface ServeFlags {
   export: string;
   verbose?: boolean;
   json?: boolean;
+  writableOverlay?: string;
 }
 
 /** Builds the `serve` command. */
@@ -36,6 +37,10 @@ export function serveCommand(): Command {
     .option("--socket <path>", "serve NBD on this unix socket")
     .option("--listen <host:port>", "serve NBD on this TCP address")
     .option("--export <name>", "export name", "")
+    .option(
+      "--writable-overlay <dir>",
+      "accept writes into a throwaway overlay file in DIR (to boot or fsck the past); the logdir is never written",
+    )
     .option("--verbose", "log every connection")
     .option("--json", "print a JSON line on stdout once serving (for scripts)")
     .addHelpText(
@@ -44,7 +49,8 @@ export function serveCommand(): Command {
         "  sectorlog serve /var/lib/sectorlog/vm1 --at '2026-11-24 02:13' --to-flush --socket /run/past.sock &\n" +
         "  nbdfuse /mnt/nbd --unix /run/past.sock &\n" +
         "  mount -o ro,noload $(losetup --find --show --read-only /mnt/nbd/nbd) /mnt/past\n" +
-        "\nWrites are refused (EPERM). SIGINT/SIGTERM stop it cleanly. It takes no lock: watch,\n" +
+        "\nWrites are refused (EPERM) unless --writable-overlay DIR, whose file is unlinked at once and\n" +
+        "gone when serve stops. SIGINT/SIGTERM stop it cleanly. It takes no lock: watch,\n" +
         "receive and compact go on meanwhile (files a compaction removes stay readable).\n",
     )
     .action(async (logdir: string, flags: ServeFlags) => {
@@ -55,6 +61,7 @@ export function serveCommand(): Command {
         toFlush: flags.toFlush,
         listen,
         exportName: flags.export,
+        overlayDir: flags.writableOverlay,
         logger: (event) => {
           if (event.level === "debug" || (event.level === "info" && flags.verbose !== true)) return;
           const cause = event.error instanceof Error ? `: ${event.error.message}` : "";
@@ -71,7 +78,11 @@ export function serveCommand(): Command {
       say(
         `sectorlog serve: serving ${logdir} (${formatBytes(info.deviceBytes)}) as of ${
           formatTimeBoth(info.targetUs)
-        }, seq ${info.targetSeq}, read-only on ${where} (index of ${info.extents} extents over ${info.files} files, opened in ${info.openMs} ms)`,
+        }, seq ${info.targetSeq}, ${
+          flags.writableOverlay === undefined
+            ? "read-only"
+            : `writable (overlay in ${flags.writableOverlay}, thrown away on stop)`
+        } on ${where} (index of ${info.extents} extents over ${info.files} files, opened in ${info.openMs} ms)`,
       );
       await waitForStopSignal(serve.nbd.finished);
       say("sectorlog serve: stopping");

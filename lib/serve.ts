@@ -1,12 +1,14 @@
 /**
  * serve: a read-only NBD export of the device as it was at a point in time, a
- * {@linkcode PastView} behind an {@linkcode NbdServer}. It takes no lock: it only reads files,
- * so `watch`, `receive` and `compact` go on meanwhile.
+ * {@linkcode PastView} behind an {@linkcode NbdServer}; with an overlay directory, a writable one
+ * whose writes go to a throwaway {@linkcode OverlayBackend}. It takes no lock: it only reads the
+ * logdir's files, so `watch`, `receive` and `compact` go on meanwhile.
  *
  * @module
  */
 import { UsageError } from "./errors.ts";
 import { type NbdListenOptions, type NbdLogger, NbdServer } from "./nbd/server.ts";
+import { OverlayBackend } from "./overlay.ts";
 import { PastView, type PastViewOptions } from "./past_view.ts";
 import { formatTimeUtc } from "./time.ts";
 
@@ -18,11 +20,18 @@ export interface ServeOptions extends PastViewOptions {
   exportName?: string;
   /** Receives NBD server events. */
   logger?: NbdLogger;
+  /**
+   * Accept writes into a throwaway overlay file in this directory (unlinked at once, gone when
+   * serve stops) instead of refusing them; the logdir is never written.
+   */
+  overlayDir?: string;
 }
 
 /** A running serve. */
 export interface ServeService {
   view: PastView;
+  /** The writable overlay, with `overlayDir`. */
+  overlay?: OverlayBackend;
   nbd: NbdServer;
   /** Stops accepting, finishes requests in flight, closes connections and the view's files. */
   stop(): Promise<void>;
@@ -45,29 +54,36 @@ export interface ServeService {
  */
 export async function startServe(logdir: string, options: ServeOptions): Promise<ServeService> {
   const view = await PastView.open(logdir, options);
+  let overlay: OverlayBackend | undefined;
   let nbd: NbdServer;
   try {
+    if (options.overlayDir !== undefined) overlay = OverlayBackend.create(view, options.overlayDir);
     if ("path" in options.listen) await removeStaleSocket(options.listen.path);
     nbd = new NbdServer({
-      backend: view,
+      backend: overlay ?? view,
       listen: options.listen,
       exportName: options.exportName ?? "",
-      description: `sectorlog serve of ${logdir} as of ${formatTimeUtc(view.info.targetUs)}`,
+      description: `sectorlog serve of ${logdir} as of ${formatTimeUtc(view.info.targetUs)}${
+        overlay === undefined ? "" : " (writable overlay, thrown away on stop)"
+      }`,
       logger: options.logger,
     });
   } catch (error) {
+    overlay?.close();
     view.close();
     throw error;
   }
   let stopping: Promise<void> | undefined;
   return {
     view,
+    overlay,
     nbd,
     stop() {
       stopping ??= (async () => {
         try {
           await nbd.close();
         } finally {
+          overlay?.close();
           view.close();
         }
       })();
