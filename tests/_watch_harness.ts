@@ -105,14 +105,25 @@ export async function runOk(
   return result;
 }
 
-/** Runs `sectorlog <args>` (through `deno run -A cli/main.ts`). */
+/**
+ * The command line that runs `sectorlog`: `deno run -A cli/main.ts`, or the executable named by
+ * SECTORLOG_BIN (e.g. `SECTORLOG_BIN=dist/sectorlog deno test -A tests/cli_test.ts` runs the
+ * black-box tests against the built binary).
+ */
+export function cliCommand(args: string[]): [string, string[]] {
+  const binary = Deno.env.get("SECTORLOG_BIN");
+  if (binary !== undefined && binary !== "") return [binary, args];
+  return [Deno.execPath(), ["run", "-A", CLI_MAIN, ...args]];
+}
+
+/** Runs `sectorlog <args>` (see {@linkcode cliCommand}). */
 export function runCli(args: string[], options: RunOptions = {}): Promise<CommandResult> {
-  return run(Deno.execPath(), ["run", "-A", CLI_MAIN, ...args], options);
+  return run(...cliCommand(args), options);
 }
 
 /** Like {@linkcode runCli}, but throws unless the CLI exits 0. */
 export function runCliOk(args: string[], options: RunOptions = {}): Promise<CommandResult> {
-  return runOk(Deno.execPath(), ["run", "-A", CLI_MAIN, ...args], options);
+  return runOk(...cliCommand(args), options);
 }
 
 /** Runs `sectorlog <args> --json` to success and parses its stdout. */
@@ -266,8 +277,16 @@ export class WatchProcess {
     this.device = device;
     this.logdir = logdir;
     this.socketPath = socketPath;
-    this.child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", CLI_MAIN, "watch", device, logdir, "--socket", socketPath, ...args],
+    const [command, commandArgs] = cliCommand([
+      "watch",
+      device,
+      logdir,
+      "--socket",
+      socketPath,
+      ...args,
+    ]);
+    this.child = new Deno.Command(command, {
+      args: commandArgs,
       cwd: REPO_DIR,
       stdin: "null",
       stdout: "null",
