@@ -17,7 +17,7 @@ import {
   startReceive,
   waitUntil,
   writeEntries,
-} from "./ship_harness.ts";
+} from "./_ship_harness.ts";
 
 /** Appends to a source through the log-assisted disk until stopped. */
 class Writer {

@@ -32,7 +32,7 @@ import {
   startReceive,
   waitUntil,
   writeEntries,
-} from "./ship_harness.ts";
+} from "./_ship_harness.ts";
 
 function startReceiver(
   storedir: string,
