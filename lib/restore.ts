@@ -9,7 +9,7 @@ import * as fs from "node:fs";
 import { dirname, join } from "node:path";
 import { IntegrityError, UsageError } from "./errors.ts";
 import type { EntryHeader } from "./format/entry.ts";
-import { LEVELS_DIR, readLogEntries, syncDirectory } from "./format/logdir.ts";
+import { LEVELS_DIR, readLogEntries, syncDirectory, withConsistentRead } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
 import { fdatasync, SegmentScanner, writeFully } from "./format/segment.ts";
 import { dataExtents } from "./data_extents.ts";
@@ -71,12 +71,21 @@ export interface RestoreResult {
  * await restoreAt("/var/lib/sectorlog/vm1", "/tmp/vm1-0213.img", { at: parseTime("-2h") });
  * ```
  */
-export async function restoreAt(
+export function restoreAt(
   logdir: string,
   output: string,
   options: RestoreOptions = {},
 ): Promise<RestoreResult> {
   const startedMs = performance.now();
+  return withConsistentRead(logdir, () => restoreOnce(logdir, output, options, startedMs));
+}
+
+async function restoreOnce(
+  logdir: string,
+  output: string,
+  options: RestoreOptions,
+  startedMs: number,
+): Promise<RestoreResult> {
   const point = await resolveRestorePoint(logdir, options.at, options);
   const manifest = point.timeline.manifest;
   const target = await openOutput(output, manifest.deviceBytes, options.force === true);

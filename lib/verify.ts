@@ -7,7 +7,7 @@
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { IntegrityError } from "./errors.ts";
-import { LEVELS_DIR, readLogEntries, readManifest } from "./format/logdir.ts";
+import { LEVELS_DIR, readLogEntries, readManifest, withConsistentRead } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
 import { SegmentScanner } from "./format/segment.ts";
 import { dataExtents } from "./data_extents.ts";
@@ -54,10 +54,16 @@ export interface VerifyOptions {
  * if (!result.ok) console.error(result.problems);
  * ```
  */
-export async function verifyLogdir(
+export function verifyLogdir(
   logdir: string,
   options: VerifyOptions = {},
 ): Promise<VerifyResult> {
+  return withConsistentRead(logdir, () => verifyOnce(logdir, options), {
+    isProblem: (result) => !result.ok,
+  });
+}
+
+async function verifyOnce(logdir: string, options: VerifyOptions): Promise<VerifyResult> {
   const manifest = await readManifest(logdir);
   const problems: VerifyProblem[] = [];
   const baseCrc32c = await verifyBase(logdir, manifest, problems, options);

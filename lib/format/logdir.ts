@@ -70,6 +70,49 @@ export async function readManifest(logdir: string): Promise<Manifest> {
   return decodeManifest(text, path);
 }
 
+/**
+ * The manifest's current bytes, to tell whether it changed during a long read: a compaction (or
+ * a seal) may replace it, and a compaction then deletes files the old manifest named.
+ */
+export async function manifestFingerprint(logdir: string): Promise<string> {
+  try {
+    return await Deno.readTextFile(join(logdir, MANIFEST_FILE));
+  } catch {
+    return "";
+  }
+}
+
+/**
+ * Runs a whole read of the logdir (a restore, a verify) and, when it fails with an
+ * {@linkcode IntegrityError} while the manifest changed under it, runs it again against the new
+ * manifest: a file that a concurrent compaction removed is not corruption. A failure with the
+ * manifest unchanged is reported as it is.
+ */
+export async function withConsistentRead<T>(
+  logdir: string,
+  read: () => Promise<T>,
+  options: { isProblem?: (result: T) => boolean } = {},
+): Promise<T> {
+  for (let attempt = 1;; attempt++) {
+    const before = await manifestFingerprint(logdir);
+    let result: T;
+    try {
+      result = await read();
+    } catch (error) {
+      const retry = error instanceof IntegrityError && attempt < CONSISTENT_READ_ATTEMPTS_MAX &&
+        (await manifestFingerprint(logdir)) !== before;
+      if (!retry) throw error;
+      continue;
+    }
+    const suspicious = options.isProblem?.(result) === true &&
+      attempt < CONSISTENT_READ_ATTEMPTS_MAX && (await manifestFingerprint(logdir)) !== before;
+    if (!suspicious) return result;
+  }
+}
+
+/** How many times {@linkcode withConsistentRead} runs a read whose manifest keeps changing. */
+export const CONSISTENT_READ_ATTEMPTS_MAX = 3;
+
 /** Replaces the manifest atomically: write temp, fsync, rename over, fsync the directory. */
 export async function writeManifest(logdir: string, manifest: Manifest): Promise<void> {
   const path = join(logdir, MANIFEST_FILE);
