@@ -5,7 +5,7 @@
  * @module
  */
 import { type IntegrityError, UsageError } from "./errors.ts";
-import { type LogEntry, readLogEntries, readManifest, scanHeaders } from "./format/logdir.ts";
+import { readLogEntries, readManifest, scanHeaders } from "./format/logdir.ts";
 import type { CompactedMark, Manifest } from "./format/manifest.ts";
 import { formatTimeLocal, formatTimeUtc, nowUs, type TimeSpec } from "./time.ts";
 
@@ -86,6 +86,10 @@ interface ScanState {
   markHit: { seq: number; timeUs: number } | undefined;
 }
 
+/**
+ * One pass over every header (and mark name) of the log: the window, counts, marks, and where a
+ * restore to `target` stops.
+ */
 async function scan(
   logdir: string,
   manifest: Manifest,
@@ -105,55 +109,53 @@ async function scan(
     flushAtOrBefore: undefined,
     markHit: undefined,
   };
-  await scanHeaders(logdir, manifest, (header) => {
+  const decoder = new TextDecoder();
+  let lastFlush: { seq: number; timeUs: number } | undefined;
+  let flushBeforeMark: { seq: number; timeUs: number } | undefined;
+  await scanHeaders(logdir, manifest, (header, entry) => {
     state.entries++;
     state.lastSeq = header.seq;
     state.lastUs = header.timeUs;
     if (header.timeUs <= horizonUs) state.floorSeq = header.seq;
     const point = { seq: header.seq, timeUs: header.timeUs };
+    if (header.kind === "flush") {
+      state.flushes++;
+      lastFlush = point;
+    }
+    if (header.kind === "mark") {
+      const name = decoder.decode(entry.payload);
+      if (state.marks.length < TIMELINE_MARKS_MAX) {
+        state.marks.push({ name, seq: header.seq, timeUs: header.timeUs, restorable: false });
+      }
+      // The latest mark of a name is the one `mark:<name>` means.
+      if (target.markName === name) {
+        state.markHit = point;
+        flushBeforeMark = lastFlush;
+      }
+    }
     const inTarget = target.instantUs !== undefined
       ? header.timeUs <= target.instantUs
       : target.seq !== undefined
       ? header.seq <= target.seq
-      : state.markHit === undefined;
-    if (inTarget) state.atOrBefore = point;
-    if (header.kind === "flush") {
-      state.flushes++;
-      if (inTarget) state.flushAtOrBefore = point;
+      : target.markName === undefined;
+    if (inTarget) {
+      state.atOrBefore = point;
+      if (header.kind === "flush") state.flushAtOrBefore = point;
     }
   }, { fromSeq, onCorruption });
+  if (target.markName !== undefined) {
+    state.atOrBefore = state.markHit;
+    state.flushAtOrBefore = flushBeforeMark;
+  }
+  for (const mark of state.marks) mark.restorable = mark.seq >= state.floorSeq;
+  state.marks.unshift(...manifest.compactedMarks.map(compactedToInfo));
   return state;
 }
 
 /** Reads the manifest and scans every header once to describe the logdir's timeline. */
 export async function readTimeline(logdir: string): Promise<Timeline> {
   const manifest = await readManifest(logdir);
-  const state = await scanWithMarks(logdir, manifest, {});
-  return toTimeline(manifest, state);
-}
-
-async function scanWithMarks(logdir: string, manifest: Manifest, target: ScanTarget) {
-  // Marks carry their name in the payload, so they need the payload; they are few and small.
-  const state = await scan(logdir, manifest, target);
-  const fromSeq = applyFromSeq(manifest);
-  for (const mark of manifest.compactedMarks) state.marks.push(compactedToInfo(mark));
-  for await (const entry of readLogEntries(logdir, manifest, { fromSeq })) {
-    if (entry.header.kind !== "mark") continue;
-    if (entry.header.seq > state.lastSeq) break;
-    const mark = markFromEntry(entry, state.floorSeq);
-    if (state.marks.length < TIMELINE_MARKS_MAX) state.marks.push(mark);
-    if (target.markName === mark.name) state.markHit = { seq: mark.seq, timeUs: mark.timeUs };
-  }
-  return state;
-}
-
-function markFromEntry(entry: LogEntry, floorSeq: number): MarkInfo {
-  return {
-    name: new TextDecoder().decode(entry.payload),
-    seq: entry.header.seq,
-    timeUs: entry.header.timeUs,
-    restorable: entry.header.seq >= floorSeq,
-  };
+  return toTimeline(manifest, await scan(logdir, manifest, {}));
 }
 
 function compactedToInfo(mark: CompactedMark): MarkInfo {
@@ -208,18 +210,14 @@ export async function resolveRestorePoint(
       };
     }
     : undefined;
-  let state = await scan(logdir, manifest, target, onCorruption);
+  const state = await scan(logdir, manifest, target, onCorruption);
   if (spec?.kind === "mark") {
-    const marked = await scanWithMarks(logdir, manifest, target);
-    const hit = marked.markHit;
+    const hit = state.markHit;
     if (hit === undefined) {
-      const timeline = toTimeline(manifest, marked);
       throw new UsageError(`Cannot restore to mark:${spec.name}: no mark of that name`, {
-        hint: markHint(timeline),
+        hint: markHint(toTimeline(manifest, state)),
       });
     }
-    state = await scan(logdir, manifest, { seq: hit.seq });
-    state.marks = marked.marks;
     if (hit.seq < state.floorSeq) {
       throw new UsageError(
         `Cannot restore to mark:${spec.name}: it was set at ${
@@ -321,7 +319,8 @@ export async function* listEntries(
   options: ListEntriesOptions = {},
 ): AsyncGenerator<EntrySummary> {
   const decoder = new TextDecoder();
-  for await (const { header, payload } of readLogEntries(logdir, manifest, { fromSeq: 1 })) {
+  const entries = readLogEntries(logdir, manifest, { fromSeq: 1, headersOnly: true });
+  for await (const { header, payload } of entries) {
     if (options.fromUs !== undefined && header.timeUs < options.fromUs) continue;
     if (options.toUs !== undefined && header.timeUs > options.toUs) break;
     const summary: EntrySummary = {

@@ -255,7 +255,7 @@ export interface LogEntry extends ScannedEntry {
 export interface ReadLogEntriesOptions {
   /** Skip entries before this seq (default: the base's replay point). */
   fromSeq?: number;
-  /** Read headers only (payloads empty, not verified). */
+  /** Read headers only (payloads empty and unchecked, except the names of marks). */
   headersOnly?: boolean;
   /** Called when the live segment ends in a torn tail (a crash, or an append in progress). */
   onTornTail?: (

@@ -58,7 +58,10 @@ export interface SegmentScanOptions {
   tolerateTornTail: boolean;
   /** Check payload checksums (default true). */
   verifyPayloads?: boolean;
-  /** Read only headers, skipping payloads (payload is then empty). Implies no payload check. */
+  /**
+   * Read only headers, skipping payloads (payload is then empty and unchecked) — except for mark
+   * entries, whose name is read and checked.
+   */
   headersOnly?: boolean;
 }
 
@@ -139,14 +142,15 @@ export class SegmentScanner {
     if (header.payloadBytes > remaining - ENTRY_HEADER_BYTES) {
       return "entry extends past end of file";
     }
-    if (headerOnly) return { header, payload: new Uint8Array(0) };
+    // Marks keep their (small) name even in header scans: timelines list them in one pass.
+    if (headerOnly && header.kind !== "mark") return { header, payload: new Uint8Array(0) };
     assert(header.payloadBytes <= ENTRY_PAYLOAD_BYTES_MAX, "payload over limit passed decoder");
     const entryAt = this.#windowAt(
       fd,
       position,
       ENTRY_HEADER_BYTES + header.payloadBytes,
       endBytes,
-      true,
+      !headerOnly,
     );
     const payloadAt = entryAt + ENTRY_HEADER_BYTES;
     const payload = this.#buffer.subarray(payloadAt, payloadAt + header.payloadBytes);
