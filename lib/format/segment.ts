@@ -22,6 +22,10 @@ import {
 export const SEGMENT_BYTES_MAX = 64 * 1024 * 1024;
 /** Read buffer of a scanner; it grows to hold one maximal entry when it must. */
 export const SCAN_BUFFER_BYTES = 8 * 1024 * 1024;
+/** A header scan reads this much at once while payloads stay small. */
+const HEADER_SCAN_WINDOW_BYTES = 256 * 1024;
+/** Payloads up to this size keep a header scan reading ahead. */
+const HEADER_SCAN_READ_AHEAD_PAYLOAD_MAX = 16 * 1024;
 /** Entries up to this payload size are written with their header in one syscall. */
 const COALESCE_PAYLOAD_BYTES_MAX = 256 * 1024;
 
@@ -74,6 +78,7 @@ export class SegmentScanner {
   readonly path: string;
   #options: SegmentScanOptions;
   #buffer = new Uint8Array(SCAN_BUFFER_BYTES);
+  #lastPayloadBytes = 0;
   /** The file range the buffer holds. */
   #windowStart = 0;
   #windowEnd = 0;
@@ -135,10 +140,14 @@ export class SegmentScanner {
     const remaining = endBytes - position;
     if (remaining < ENTRY_HEADER_BYTES) return "incomplete entry header";
     const headerOnly = this.#options.headersOnly === true;
-    const headerAt = this.#windowAt(fd, position, ENTRY_HEADER_BYTES, endBytes, !headerOnly);
+    // A header scan reads ahead only while entries are small: then one read covers many headers,
+    // while with large payloads a read-ahead would mostly fetch payload bytes it skips.
+    const readAhead = !headerOnly || this.#lastPayloadBytes <= HEADER_SCAN_READ_AHEAD_PAYLOAD_MAX;
+    const headerAt = this.#windowAt(fd, position, ENTRY_HEADER_BYTES, endBytes, readAhead);
     const decoded = decodeEntryHeader(this.#buffer, headerAt);
     if (!decoded.ok) return decoded.problem;
     const header = decoded.header;
+    this.#lastPayloadBytes = header.payloadBytes;
     if (header.payloadBytes > remaining - ENTRY_HEADER_BYTES) {
       return "entry extends past end of file";
     }
@@ -177,7 +186,12 @@ export class SegmentScanner {
       return position - this.#windowStart;
     }
     if (this.#buffer.length < length) this.#buffer = new Uint8Array(length);
-    const readBytes = readAhead ? Math.min(this.#buffer.length, endBytes - position) : length;
+    const aheadBytes = this.#options.headersOnly === true
+      ? HEADER_SCAN_WINDOW_BYTES
+      : this.#buffer.length;
+    const readBytes = readAhead
+      ? Math.max(length, Math.min(aheadBytes, endBytes - position))
+      : length;
     readFully(fd, this.#buffer, readBytes, position);
     this.#windowStart = position;
     this.#windowEnd = position + readBytes;
