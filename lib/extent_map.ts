@@ -54,7 +54,7 @@ export interface Extent {
 export class ExtentMap {
   readonly deviceBytes: number;
   readonly bucketBytes: number;
-  #buckets = new Map<number, Extent[]>();
+  #buckets = new Map<number, Bucket>();
   #extentCount = 0;
   #dataBytes = 0;
   #zeroBytes = 0;
@@ -98,77 +98,189 @@ export class ExtentMap {
         end <= this.deviceBytes,
       `extent ${start}+${extent.lengthBytes} outside the device of ${this.deviceBytes} bytes`,
     );
+    const isData = extent.kind === "data";
     let offset = start;
     while (offset < end) {
       const bucket = Math.floor(offset / this.bucketBytes);
       const pieceEnd = Math.min(end, (bucket + 1) * this.bucketBytes);
-      this.#insert(bucket, sliceExtent(extent, offset, pieceEnd));
+      const record = PIECE;
+      record[OFFSET] = offset;
+      record[LENGTH] = pieceEnd - offset;
+      record[KIND] = isData ? KIND_DATA : KIND_ZERO;
+      record[TIME] = extent.timeUs;
+      record[SOURCE] = extent.sourceIndex;
+      record[ENTRY_OFFSET] = extent.entryOffsetBytes;
+      record[SOURCE_OFFSET] = isData ? extent.sourceOffsetBytes + (offset - start) : 0;
+      this.#insert(bucket, record);
       offset = pieceEnd;
     }
   }
 
-  #insert(bucket: number, piece: Extent): void {
-    let list = this.#buckets.get(bucket);
-    if (list === undefined) {
-      list = [];
-      this.#buckets.set(bucket, list);
+  /** Inserts the extent in `piece` (one record, inside `bucket`) over what it covers. */
+  #insert(bucketIndex: number, piece: Float64Array): void {
+    let bucket = this.#buckets.get(bucketIndex);
+    if (bucket === undefined) {
+      bucket = { columns: new Float64Array(BUCKET_RECORDS_MIN * FIELDS), count: 0 };
+      this.#buckets.set(bucketIndex, bucket);
     }
-    const start = piece.offsetBytes;
-    const end = start + piece.lengthBytes;
-    const first = firstEndingAfter(list, start);
+    const start = piece[OFFSET];
+    const end = start + piece[LENGTH];
+    const first = firstEndingAfter(bucket, start);
+    const { columns, count } = bucket;
+    const capacity = columns.length / FIELDS;
     let last = first;
-    while (last < list.length && list[last].offsetBytes < end) last++;
-    const replacement: Extent[] = [];
-    if (first < last && list[first].offsetBytes < start) {
-      replacement.push(sliceExtent(list[first], list[first].offsetBytes, start));
+    while (last < count && columns[OFFSET * capacity + last] < end) last++;
+    // The parts of the first and last covered extents that stay visible, saved before the
+    // records move.
+    const keepsHead = first < last && columns[OFFSET * capacity + first] < start;
+    const lastEnd = first < last
+      ? columns[OFFSET * capacity + last - 1] + columns[LENGTH * capacity + last - 1]
+      : 0;
+    const keepsTail = lastEnd > end;
+    if (keepsHead) headOf(columns, first, start, HEAD);
+    if (keepsTail) tailOf(columns, last - 1, end, TAIL);
+    for (let i = first; i < last; i++) this.#account(columns, capacity, i, -1);
+    const replacing = (keepsHead ? 1 : 0) + 1 + (keepsTail ? 1 : 0);
+    const newCount = count - (last - first) + replacing;
+    const target = growTo(bucket, newCount);
+    const targetCapacity = target.length / FIELDS;
+    if (first + replacing !== last && last < count) { // else the records after stay in place
+      for (let field = 0; field < FIELDS; field++) {
+        const column = field * targetCapacity;
+        target.copyWithin(column + first + replacing, column + last, column + count);
+      }
     }
-    replacement.push(piece);
-    if (first < last) {
-      const covered = list[last - 1];
-      const coveredEnd = covered.offsetBytes + covered.lengthBytes;
-      if (coveredEnd > end) replacement.push(sliceExtent(covered, end, coveredEnd));
-    }
-    for (let i = first; i < last; i++) this.#account(list[i], -1);
-    for (const extent of replacement) this.#account(extent, 1);
-    list.splice(first, last - first, ...replacement);
+    let index = first;
+    if (keepsHead) this.#place(target, index++, HEAD);
+    this.#place(target, index++, piece);
+    if (keepsTail) this.#place(target, index, TAIL);
+    bucket.count = newCount;
   }
 
-  #account(extent: Extent, sign: 1 | -1): void {
+  /** Writes `record` as record `index` of `columns` and counts it. */
+  #place(columns: Float64Array, index: number, record: Float64Array): void {
+    const capacity = columns.length / FIELDS;
+    for (let field = 0; field < FIELDS; field++) columns[field * capacity + index] = record[field];
+    this.#account(columns, capacity, index, 1);
+  }
+
+  #account(columns: Float64Array, capacity: number, index: number, sign: 1 | -1): void {
     this.#extentCount += sign;
-    if (extent.kind === "data") this.#dataBytes += sign * extent.lengthBytes;
-    else this.#zeroBytes += sign * extent.lengthBytes;
+    const lengthBytes = columns[LENGTH * capacity + index];
+    if (columns[KIND * capacity + index] === KIND_DATA) this.#dataBytes += sign * lengthBytes;
+    else this.#zeroBytes += sign * lengthBytes;
   }
 
   /** Every extent in device offset order. */
   *extents(): Generator<Extent> {
     const buckets = [...this.#buckets.keys()].sort((a, b) => a - b);
-    for (const bucket of buckets) yield* this.#buckets.get(bucket)!;
+    for (const bucketIndex of buckets) {
+      const { columns, count } = this.#buckets.get(bucketIndex)!;
+      const capacity = columns.length / FIELDS;
+      for (let index = 0; index < count; index++) {
+        yield {
+          offsetBytes: columns[OFFSET * capacity + index],
+          lengthBytes: columns[LENGTH * capacity + index],
+          kind: columns[KIND * capacity + index] === KIND_DATA ? "data" : "zero",
+          timeUs: columns[TIME * capacity + index],
+          sourceIndex: columns[SOURCE * capacity + index],
+          entryOffsetBytes: columns[ENTRY_OFFSET * capacity + index],
+          sourceOffsetBytes: columns[SOURCE_OFFSET * capacity + index],
+        };
+      }
+    }
   }
 }
 
-/** Index of the first extent of `list` (sorted, disjoint) that ends after `offsetBytes`. */
-function firstEndingAfter(list: Extent[], offsetBytes: number): number {
+/**
+ * The extents of one bucket, sorted and disjoint, in one typed array of {@linkcode FIELDS}
+ * columns (field `f` of record `i` at `f × capacity + i`): a JS object per extent would cost
+ * several times the memory and the garbage collector's attention at every split, and the
+ * offsets column alone is what a lookup touches, in few cache lines.
+ */
+interface Bucket {
+  columns: Float64Array;
+  count: number;
+}
+
+/** The fields of a record, in column order. */
+const OFFSET = 0;
+const LENGTH = 1;
+const KIND = 2;
+const TIME = 3;
+const SOURCE = 4;
+const ENTRY_OFFSET = 5;
+const SOURCE_OFFSET = 6;
+const FIELDS = 7;
+const KIND_DATA = 0;
+const KIND_ZERO = 1;
+const BUCKET_RECORDS_MIN = 4;
+/** Scratch records of {@linkcode ExtentMap.set}, one field each: the piece, the kept head, tail. */
+const PIECE = new Float64Array(FIELDS);
+const HEAD = new Float64Array(FIELDS);
+const TAIL = new Float64Array(FIELDS);
+
+/** Makes room for `count` records in `bucket` (doubling) and returns its columns. */
+function growTo(bucket: Bucket, count: number): Float64Array {
+  const old = bucket.columns;
+  const oldCapacity = old.length / FIELDS;
+  if (count <= oldCapacity) return old;
+  let capacity = oldCapacity;
+  while (capacity < count) capacity *= 2;
+  const columns = new Float64Array(capacity * FIELDS);
+  for (let field = 0; field < FIELDS; field++) {
+    const from = field * oldCapacity;
+    columns.set(old.subarray(from, from + bucket.count), field * capacity);
+  }
+  bucket.columns = columns;
+  return columns;
+}
+
+/** Copies record `index` of `columns` into `to`. */
+function readRecord(columns: Float64Array, index: number, to: Float64Array): void {
+  const capacity = columns.length / FIELDS;
+  for (let field = 0; field < FIELDS; field++) to[field] = columns[field * capacity + index];
+}
+
+/** Writes into `to` the part of record `index` before `end` (a kept head). */
+function headOf(columns: Float64Array, index: number, end: number, to: Float64Array): void {
+  readRecord(columns, index, to);
+  to[LENGTH] = end - to[OFFSET];
+}
+
+/** Writes into `to` the part of record `index` from `start` on, its source moved along. */
+function tailOf(columns: Float64Array, index: number, start: number, to: Float64Array): void {
+  readRecord(columns, index, to);
+  const cut = start - to[OFFSET];
+  to[OFFSET] = start;
+  to[LENGTH] -= cut;
+  if (to[KIND] === KIND_DATA) to[SOURCE_OFFSET] += cut;
+}
+
+/**
+ * Index of the first record of `bucket` that ends after `offsetBytes`: a binary search of the
+ * offsets column (records are disjoint, so only the one before the first later start can still
+ * reach past `offsetBytes`).
+ */
+function firstEndingAfter(bucket: Bucket, offsetBytes: number): number {
+  const { columns, count } = bucket;
+  const capacity = columns.length / FIELDS;
   let low = 0;
-  let high = list.length;
+  let high = count;
   while (low < high) {
     const middle = (low + high) >>> 1;
-    const extent = list[middle];
-    if (extent.offsetBytes + extent.lengthBytes <= offsetBytes) low = middle + 1;
+    if (columns[OFFSET * capacity + middle] <= offsetBytes) low = middle + 1;
     else high = middle;
   }
+  // low: the first record starting after offsetBytes.
+  const before = low - 1;
+  if (
+    before >= 0 &&
+    columns[OFFSET * capacity + before] + columns[LENGTH * capacity + before] > offsetBytes
+  ) {
+    return before;
+  }
   return low;
-}
-
-/** The part [start, end) of `extent`, with its source offset moved along for data. */
-function sliceExtent(extent: Extent, start: number, end: number): Extent {
-  return {
-    ...extent,
-    offsetBytes: start,
-    lengthBytes: end - start,
-    sourceOffsetBytes: extent.kind === "data"
-      ? extent.sourceOffsetBytes + (start - extent.offsetBytes)
-      : 0,
-  };
 }
 
 /** One entry of a level: adjacent extents of one kind merged up to the entry size limits. */
