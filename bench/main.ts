@@ -1,7 +1,7 @@
 /**
- * `deno task bench [restore|watch|compact|all]`: runs the benchmarks, prints what was measured,
- * the machine, each peer's figure, ours, the ratio and the issue's target (PASS/BELOW), and
- * writes the numbers to `bench/results/<date>.json`.
+ * `deno task bench [restore|watch|compact|ship|all]`: runs the benchmarks, prints what was
+ * measured, the machine, each peer's figure, ours, the ratio and the issue's target (PASS/BELOW),
+ * and writes the numbers to `bench/results/<date>.json`.
  *
  * Not a CI test: numbers depend on the machine and on whatever else runs on it.
  *
@@ -9,14 +9,15 @@
  */
 import { runCompactBench } from "./compact.ts";
 import { runRestoreBench } from "./restore.ts";
+import { runShipBench } from "./ship.ts";
 import { canDropCaches, machineFacts, REPO_ROOT, run } from "./_util.ts";
 import { runWatchBench } from "./watch.ts";
 
-const USAGE = "usage: deno task bench [restore|watch|compact|all]";
+const USAGE = "usage: deno task bench [restore|watch|compact|ship|all]";
 
 async function main(args: string[]): Promise<number> {
   const which = args[0] ?? "all";
-  if (!["restore", "watch", "compact", "all"].includes(which) || args.length > 1) {
+  if (!["restore", "watch", "compact", "ship", "all"].includes(which) || args.length > 1) {
     console.error(USAGE);
     return 2;
   }
@@ -46,6 +47,7 @@ async function main(args: string[]): Promise<number> {
   if (which === "restore" || which === "all") results.restore = await runRestoreBench();
   if (which === "watch" || which === "all") results.watch = await runWatchBench();
   if (which === "compact" || which === "all") results.compact = await runCompactBench();
+  if (which === "ship" || which === "all") results.ship = await runShipBench();
   const dir = `${REPO_ROOT}/bench/results`;
   await Deno.mkdir(dir, { recursive: true });
   const path = `${dir}/${
