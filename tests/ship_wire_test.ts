@@ -11,11 +11,14 @@ import {
   encodeJsonFrame,
   FRAME_TYPES,
   FrameBuilder,
+  frameEnvelope,
   FrameReader,
   frameTypeName,
   ProtocolError,
 } from "../lib/ship/wire.ts";
 import { constantTimeEqual, fromHex, toHex } from "../lib/ship/auth.ts";
+import { crc32c } from "../lib/checksum.ts";
+import { encodeEntryHeader, ENTRY_HEADER_BYTES, makeEntryHeader } from "../lib/format/entry.ts";
 import { hostIdProblem } from "../lib/ship/_messages.ts";
 import { Random, withSeed } from "./_helpers.ts";
 
@@ -101,6 +104,60 @@ Deno.test("FrameBuilder builds the same bytes as encodeFrame()", () => {
   body.set([1, 2, 3]);
   body.fill(9, 3);
   assert.deepEqual(built, encodeFrame(FRAME_TYPES.ENTRIES, body));
+});
+
+/** Entries as on disk (header + payload), of random kinds of payload size including none. */
+function entryBytesList(
+  random: Random,
+  count: number,
+): { bytes: Uint8Array; payload: Uint8Array }[] {
+  const entries = [];
+  for (let seq = 1; seq <= count; seq++) {
+    const payload = new Uint8Array(random.int(0, 3) === 0 ? 0 : random.int(1, 70_000));
+    random.fill(payload.subarray(0, Math.min(payload.length, 512)));
+    if (payload.length > 0) payload[payload.length - 1] = seq & 0xff;
+    const header = payload.length === 0
+      ? makeEntryHeader({ kind: "flush", seq, timeUs: seq, offsetBytes: 0, lengthBytes: 0 })
+      : makeEntryHeader(
+        { kind: "write", seq, timeUs: seq, offsetBytes: 0, lengthBytes: payload.length },
+        payload,
+      );
+    const bytes = new Uint8Array(ENTRY_HEADER_BYTES + payload.length);
+    encodeEntryHeader(header, bytes);
+    bytes.set(payload, ENTRY_HEADER_BYTES);
+    entries.push({ bytes, payload });
+  }
+  return entries;
+}
+
+Deno.test("frameEnvelope() around a body makes the bytes encodeFrame() makes", async () => {
+  await withSeed((random) => {
+    const entries = entryBytesList(random, random.int(0, 40));
+    const body = concat(entries.map((entry) => entry.bytes));
+    const { head, tail } = frameEnvelope(FRAME_TYPES.ENTRIES, body.length, crc32c(body));
+    assert.deepEqual(concat([head, body, tail]), encodeFrame(FRAME_TYPES.ENTRIES, body));
+    return Promise.resolve();
+  });
+});
+
+Deno.test("FrameReader checks an ENTRIES frame once and hands out each payload's CRC", async () => {
+  await withSeed(async (random) => {
+    const entries = entryBytesList(random, random.int(1, 40));
+    const frame = encodeFrame(FRAME_TYPES.ENTRIES, concat(entries.map((entry) => entry.bytes)));
+    const read = await new FrameReader(new ChoppedSource(frame, random)).read();
+    assert.ok(read !== undefined);
+    assert.deepEqual(read.payloadCrc32c, entries.map((entry) => crc32c(entry.payload)));
+
+    // A flipped bit anywhere, in a header or a payload, is a bad frame checksum.
+    for (let trial = 0; trial < 20; trial++) {
+      const damaged = frame.slice();
+      damaged[random.int(5, damaged.length - 5)] ^= 1 << random.int(0, 7);
+      await assert.rejects(
+        () => new FrameReader(new ChoppedSource(damaged, random)).read(),
+        /Bad checksum on a ENTRIES frame/,
+      );
+    }
+  });
 });
 
 Deno.test("FrameReader refuses an oversized length before reading the body", async () => {

@@ -13,7 +13,7 @@
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "../_assert.ts";
-import { Crc32cStream } from "../checksum.ts";
+import { crc32c, crc32cCombine, crc32cOfZeros } from "../checksum.ts";
 import { IntegrityError } from "../errors.ts";
 import {
   ensureLogdirFolders,
@@ -36,11 +36,10 @@ import { fdatasync, SegmentScanner, writeFully } from "../format/segment.ts";
 import { applyFromSeq } from "../timeline.ts";
 import { baseId, type StateBegin, type StoreState } from "./_messages.ts";
 import { locateSeq } from "./log_tail.ts";
-import { ProtocolError } from "./wire.ts";
+import { crc32cHex, ProtocolError } from "./wire.ts";
 
 /** The lock purpose the receiver writes into a host's lock file. */
 const LOCK_PURPOSE = "receive";
-const ZERO_BYTES = new Uint8Array(1024 * 1024);
 
 /** Options of {@linkcode HostStore.claim}. */
 export interface HostStoreOptions {
@@ -288,7 +287,7 @@ export class StateInstall {
     const base = this.begin.base;
     const path = join(this.#dir, base.file);
     if (this.begin.baseIncluded) {
-      this.#base = await FileReceive.open(`${path}.partial`, this.begin.deviceBytes, true);
+      this.#base = FileReceive.open(`${path}.partial`, this.begin.deviceBytes, true);
       return;
     }
     const current = this.#current;
@@ -306,11 +305,11 @@ export class StateInstall {
   }
 
   /** Writes one decompressed base chunk. */
-  async baseChunk(offsetBytes: number, raw: Uint8Array): Promise<void> {
+  baseChunk(offsetBytes: number, raw: Uint8Array): void {
     if (this.#base === undefined || this.#baseDone) {
       throw new ProtocolError("BASE_CHUNK outside a base transfer");
     }
-    await this.#base.write(offsetBytes, raw, false);
+    this.#base.write(offsetBytes, raw, false);
   }
 
   /** Checks and finishes the base. */
@@ -333,7 +332,7 @@ export class StateInstall {
   }
 
   /** Starts receiving level `index` (levels arrive in manifest order). */
-  async levelBegin(file: string): Promise<void> {
+  levelBegin(file: string): void {
     const level = this.begin.levels[this.#levelIndex];
     if (
       !this.#baseDone || this.#level !== undefined || level === undefined || level.file !== file
@@ -341,13 +340,13 @@ export class StateInstall {
       throw new ProtocolError(`LEVEL_BEGIN of ${file} out of order`);
     }
     const path = join(this.#dir, LEVELS_DIR, `${level.file}.partial`);
-    this.#level = await FileReceive.open(path, level.sizeBytes, false);
+    this.#level = FileReceive.open(path, level.sizeBytes, false);
   }
 
   /** Writes one decompressed level chunk (chunks arrive in order, without holes). */
-  async levelChunk(offsetBytes: number, raw: Uint8Array): Promise<void> {
+  levelChunk(offsetBytes: number, raw: Uint8Array): void {
     if (this.#level === undefined) throw new ProtocolError("LEVEL_CHUNK outside a level transfer");
-    await this.#level.write(offsetBytes, raw, true);
+    this.#level.write(offsetBytes, raw, true);
   }
 
   /** Checks and finishes the current level. */
@@ -422,31 +421,32 @@ export class StateInstall {
   }
 }
 
-/** A file arriving in chunks at increasing offsets; the CRC32C counts the holes as zeroes. */
+/**
+ * A file arriving in chunks at increasing offsets; the CRC32C counts the holes as zeroes, combined
+ * in O(log n) (crc32cOfZeros) rather than hashed, so a large sparse base costs nothing for them.
+ */
 class FileReceive {
   readonly path: string;
   readonly sizeBytes: number;
   #fd: number | undefined;
-  #crc: Crc32cStream;
+  /** CRC32C of bytes [0, #crcBytes) of the file. */
+  #crc32c = 0;
   #crcBytes = 0;
   receivedBytes = 0;
 
-  private constructor(path: string, sizeBytes: number, fd: number, crc: Crc32cStream) {
+  private constructor(path: string, sizeBytes: number, fd: number) {
     this.path = path;
     this.sizeBytes = sizeBytes;
     this.#fd = fd;
-    this.#crc = crc;
   }
 
-  static async open(path: string, sizeBytes: number, sparse: boolean): Promise<FileReceive> {
-    const crc = new Crc32cStream();
-    await crc.init();
+  static open(path: string, sizeBytes: number, sparse: boolean): FileReceive {
     const fd = fs.openSync(path, "w");
     if (sparse) fs.ftruncateSync(fd, sizeBytes);
-    return new FileReceive(path, sizeBytes, fd, crc);
+    return new FileReceive(path, sizeBytes, fd);
   }
 
-  async write(offsetBytes: number, raw: Uint8Array, contiguous: boolean): Promise<void> {
+  write(offsetBytes: number, raw: Uint8Array, contiguous: boolean): void {
     assert(this.#fd !== undefined, "write after close");
     if (offsetBytes < this.#crcBytes || (contiguous && offsetBytes !== this.#crcBytes)) {
       throw new ProtocolError(
@@ -460,31 +460,26 @@ class FileReceive {
         `Chunk of ${raw.length} bytes at offset ${offsetBytes} does not fit ${this.path} (${this.sizeBytes} bytes)`,
       );
     }
-    await this.#crcZeroesUpTo(offsetBytes);
+    this.#crcZeroesUpTo(offsetBytes);
     writeFully(this.#fd, raw, raw.length, offsetBytes);
-    this.#crc.update(raw);
+    this.#crc32c = crc32cCombine(this.#crc32c, crc32c(raw), raw.length);
     this.#crcBytes = offsetBytes + raw.length;
     this.receivedBytes += raw.length;
   }
 
-  async #crcZeroesUpTo(offsetBytes: number): Promise<void> {
-    let chunks = 0;
-    while (this.#crcBytes < offsetBytes) {
-      const bytes = Math.min(ZERO_BYTES.length, offsetBytes - this.#crcBytes);
-      this.#crc.update(ZERO_BYTES.subarray(0, bytes));
-      this.#crcBytes += bytes;
-      // A long hole costs CPU; let other hosts' sessions run between megabytes of it.
-      if (++chunks % 64 === 0) await new Promise((resolve) => setTimeout(resolve, 0));
-    }
+  #crcZeroesUpTo(offsetBytes: number): void {
+    const holeBytes = offsetBytes - this.#crcBytes;
+    this.#crc32c = crc32cCombine(this.#crc32c, crc32cOfZeros(holeBytes), holeBytes);
+    this.#crcBytes = offsetBytes;
   }
 
   /** Syncs and closes the file; returns the CRC32C of all of it. */
   async finish(): Promise<string> {
     assert(this.#fd !== undefined, "finish after close");
-    await this.#crcZeroesUpTo(this.sizeBytes);
+    this.#crcZeroesUpTo(this.sizeBytes);
     await fdatasync(this.#fd);
     this.close();
-    return this.#crc.digestHex();
+    return crc32cHex(this.#crc32c);
   }
 
   close(): void {

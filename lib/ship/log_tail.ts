@@ -7,6 +7,8 @@
  */
 import * as fs from "node:fs";
 import { join } from "node:path";
+import { assert } from "../_assert.ts";
+import { crc32c, crc32cCombine } from "../checksum.ts";
 import { IntegrityError } from "../errors.ts";
 import {
   decodeEntryHeader,
@@ -28,6 +30,20 @@ export interface TailEntry {
   bytes: Uint8Array;
   /** The header's own CRC32C (bytes 60..63): a fingerprint of the entry. */
   headerCrc32c: number;
+}
+
+/**
+ * Whole entries that lie one after another in a tail's read buffer, as on disk: ship sends `bytes`
+ * as an ENTRIES body without copying it. Valid until the next read.
+ */
+export interface TailRun {
+  bytes: Uint8Array;
+  entries: number;
+  firstSeq: number;
+  lastSeq: number;
+  firstTimeUs: number;
+  /** CRC32C of `bytes`, combined from each entry's header CRC and its checked payload CRC. */
+  crc32c: number;
 }
 
 /** Where an entry starts, or where it will start when it does not exist yet. */
@@ -152,6 +168,42 @@ export class LogTail {
     return { path: this.#path, offsetBytes: this.#position };
   }
 
+  /**
+   * Returns the next entries that are already in the read buffer, up to `maxBytes` (more only when
+   * the first entry alone is larger), reading more only for the first; undefined when no entry is
+   * complete yet. Each payload is checked against its header, as by {@linkcode LogTail.next}.
+   */
+  async nextRun(maxBytes: number): Promise<TailRun | undefined> {
+    const first = await this.next();
+    if (first === undefined) return undefined;
+    const run: TailRun = {
+      bytes: first.bytes,
+      entries: 1,
+      firstSeq: first.header.seq,
+      lastSeq: first.header.seq,
+      firstTimeUs: first.header.timeUs,
+      crc32c: entryCrc32c(first),
+    };
+    for (;;) {
+      const entry = this.#tryRead({ refill: false, maxBytes: maxBytes - run.bytes.length });
+      if (entry === undefined) break;
+      assert(
+        entry.bytes.buffer === run.bytes.buffer &&
+          entry.bytes.byteOffset === run.bytes.byteOffset + run.bytes.length,
+        "an entry read without a refill follows the previous one in the buffer",
+      );
+      run.bytes = new Uint8Array(
+        run.bytes.buffer,
+        run.bytes.byteOffset,
+        run.bytes.length + entry.bytes.length,
+      );
+      run.entries++;
+      run.lastSeq = entry.header.seq;
+      run.crc32c = crc32cCombine(run.crc32c, entryCrc32c(entry), entry.bytes.length);
+    }
+    return run;
+  }
+
   /** Returns the next entry, or undefined when none is complete yet. */
   next(): Promise<TailEntry | undefined> {
     let entry = this.#tryRead();
@@ -228,8 +280,15 @@ export class LogTail {
     this.#fd = undefined;
   }
 
-  #tryRead(): TailEntry | undefined {
+  /**
+   * Reads the entry at the position. With `refill: false` it only looks at what is buffered and
+   * returns undefined, keeping the buffer, when the entry is not all there or is over `maxBytes`.
+   */
+  #tryRead(
+    options: { refill: boolean; maxBytes: number } = { refill: true, maxBytes: Infinity },
+  ): TailEntry | undefined {
     if (!this.#openFile()) return undefined;
+    if (!options.refill && !this.#isBuffered(ENTRY_HEADER_BYTES)) return undefined;
     if (!this.#ensureBuffered(ENTRY_HEADER_BYTES)) return this.#notYet();
     const at = this.#position - this.#bufferStart;
     const decoded = decodeEntryHeader(this.#buffer, at);
@@ -248,6 +307,9 @@ export class LogTail {
       );
     }
     const totalBytes = ENTRY_HEADER_BYTES + header.payloadBytes;
+    if (!options.refill && (totalBytes > options.maxBytes || !this.#isBuffered(totalBytes))) {
+      return undefined;
+    }
     if (!this.#ensureBuffered(totalBytes)) return this.#notYet();
     const start = this.#position - this.#bufferStart;
     const bytes = this.#buffer.subarray(start, start + totalBytes);
@@ -276,9 +338,13 @@ export class LogTail {
     }
   }
 
-  #ensureBuffered(bytes: number): boolean {
+  #isBuffered(bytes: number): boolean {
     const end = this.#bufferStart + this.#bufferBytes;
-    if (this.#position >= this.#bufferStart && this.#position + bytes <= end) return true;
+    return this.#position >= this.#bufferStart && this.#position + bytes <= end;
+  }
+
+  #ensureBuffered(bytes: number): boolean {
+    if (this.#isBuffered(bytes)) return true;
     if (this.#buffer.length < bytes) this.#buffer = new Uint8Array(bytes);
     let filled = 0;
     while (filled < this.#buffer.length) {
@@ -317,4 +383,13 @@ export class LogTail {
     this.#position = 0;
     this.#bufferBytes = 0;
   }
+}
+
+/** CRC32C of a whole entry from its header's bytes and its payload CRC (checked when read). */
+function entryCrc32c(entry: TailEntry): number {
+  return crc32cCombine(
+    crc32c(entry.bytes.subarray(0, ENTRY_HEADER_BYTES)),
+    entry.header.payloadCrc32c,
+    entry.header.payloadBytes,
+  );
 }

@@ -597,7 +597,7 @@ class Session {
     }
     switch (frame.type) {
       case FRAME_TYPES.ENTRIES:
-        await this.#appendEntries(frame.body);
+        await this.#appendEntries(frame);
         this.#scheduleAck();
         return;
       case FRAME_TYPES.PING:
@@ -608,7 +608,7 @@ class Session {
         return await this.#stateBegin(frame);
       case FRAME_TYPES.BASE_CHUNK:
       case FRAME_TYPES.LEVEL_CHUNK:
-        return await this.#chunk(frame);
+        return this.#chunk(frame);
       case FRAME_TYPES.BASE_END:
       case FRAME_TYPES.LEVEL_BEGIN:
       case FRAME_TYPES.LEVEL_END:
@@ -638,14 +638,14 @@ class Session {
     );
   }
 
-  async #chunk(frame: Frame): Promise<void> {
+  #chunk(frame: Frame): void {
     const install = this.#requireInstall(frame);
     const chunk = decodeChunkBody(frame);
     const isBase = frame.type === FRAME_TYPES.BASE_CHUNK;
     const raw = decompressChunk(chunk, isBase ? "base chunk" : "level chunk");
     this.#bytesReceived += raw.length;
-    if (isBase) await install.baseChunk(chunk.offsetBytes, raw);
-    else await install.levelChunk(chunk.offsetBytes, raw);
+    if (isBase) install.baseChunk(chunk.offsetBytes, raw);
+    else install.levelChunk(chunk.offsetBytes, raw);
   }
 
   async #stateStep(frame: Frame): Promise<void> {
@@ -662,7 +662,7 @@ class Session {
       case FRAME_TYPES.BASE_END:
         return await install.baseEnd(text("crc32c"));
       case FRAME_TYPES.LEVEL_BEGIN:
-        return await install.levelBegin(text("file"));
+        return install.levelBegin(text("file"));
       case FRAME_TYPES.LEVEL_END:
         return await install.levelEnd(text("crc32c"));
     }
@@ -691,13 +691,14 @@ class Session {
   }
 
   /** Checks every entry of a frame, then appends them all (a bad frame appends nothing). */
-  async #appendEntries(body: Uint8Array): Promise<void> {
+  async #appendEntries(frame: Frame): Promise<void> {
     const writer = this.#store?.writer;
     if (writer === undefined || this.#install !== undefined) {
       throw new ProtocolError("ENTRIES frame before the host has a base (send its state first)");
     }
+    const body = frame.body;
     const deviceBytes = writer.manifest.deviceBytes;
-    const entries = parseEntries(body, writer.nextSeq, writer.lastTimeUs, deviceBytes);
+    const entries = parseEntries(frame, writer.nextSeq, writer.lastTimeUs, deviceBytes);
     for (const { header, payload } of entries) {
       while (!writer.canAppend) await writer.ready();
       writer.appendExisting(header, payload);
@@ -770,13 +771,19 @@ function checkIdentity(hello: ClientHello, state: StoreState): void {
   }
 }
 
-/** Decodes and checks the entries of an ENTRIES body; throws on the first bad one. */
+/**
+ * Decodes and checks the entries of an ENTRIES frame; throws on the first bad one. Payloads are
+ * checked against the CRCs the frame reader computed from them, when it did (it reads each byte
+ * once for both checks).
+ */
 function parseEntries(
-  body: Uint8Array,
+  frame: Frame,
   nextSeq: number,
   lastTimeUs: number,
   deviceBytes: number,
 ): { header: EntryHeader; payload: Uint8Array }[] {
+  const body = frame.body;
+  const payloadCrc32c = frame.payloadCrc32c;
   const entries: { header: EntryHeader; payload: Uint8Array }[] = [];
   let position = 0;
   let expectedSeq = nextSeq;
@@ -793,7 +800,11 @@ function parseEntries(
     const end = position + ENTRY_HEADER_BYTES + header.payloadBytes;
     if (end > body.length) bad("the entry extends past the frame");
     const payload = body.subarray(position + ENTRY_HEADER_BYTES, end);
-    if (!payloadMatches(header, payload)) bad("bad payload checksum");
+    const payloadOk = payloadCrc32c === undefined
+      ? payloadMatches(header, payload)
+      : payload.length === header.payloadBytes &&
+        payloadCrc32c[entries.length] === header.payloadCrc32c;
+    if (!payloadOk) bad("bad payload checksum");
     if (header.seq !== expectedSeq) bad(`seq ${header.seq}`);
     if (header.timeUs < previousUs) bad(`time ${header.timeUs} µs is before ${previousUs} µs`);
     if (header.offsetBytes + header.lengthBytes > deviceBytes) {

@@ -11,7 +11,7 @@
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { AssertionError } from "../_assert.ts";
-import { Crc32cStream } from "../checksum.ts";
+import { crc32c, crc32cCombine, crc32cOfZeros } from "../checksum.ts";
 import { BusyError, IntegrityError, UsageError } from "../errors.ts";
 import { ENTRY_FORMAT_VERSION } from "../format/entry.ts";
 import { LEVELS_DIR, readManifest } from "../format/logdir.ts";
@@ -41,12 +41,13 @@ import {
   type ShipKey,
   toHex,
 } from "./auth.ts";
-import { LogTail } from "./log_tail.ts";
+import { LogTail, type TailRun } from "./log_tail.ts";
 import {
   CHUNK_RAW_BYTES_MAX,
   closeQuietly,
   compressChunk,
   CONTROL_BYTES_MAX,
+  crc32cHex,
   decodeErrorBody,
   decodeJsonBody,
   encodeChunkBody,
@@ -56,7 +57,7 @@ import {
   type ErrorBody,
   type Frame,
   FRAME_TYPES,
-  FrameBuilder,
+  frameEnvelope,
   FrameReader,
   frameTypeName,
   PROTOCOL_VERSION,
@@ -292,6 +293,8 @@ function remoteToError(body: ErrorBody, target: string): Error {
 class AckTracker {
   ackedSeq: number;
   ackedBytes = 0;
+  /** ACK frames received: a state is installed once an ACK arrives after its STATE_END. */
+  acks = 0;
   #batches: { lastSeq: number; bytes: number; firstTimeUs: number }[] = [];
   #unackedBytes = 0;
   #error: Error | undefined;
@@ -321,6 +324,7 @@ class AckTracker {
   }
 
   onAck(seq: number): void {
+    this.acks++;
     this.lastFrameMs = performance.now();
     if (seq > this.ackedSeq) this.ackedSeq = seq;
     while (this.#batches.length > 0 && this.#batches[0].lastSeq <= this.ackedSeq) {
@@ -415,9 +419,12 @@ class SenderSession {
         store: welcome.store,
         plan: plan.plan,
       });
+      // The receiver acks STATE_END once the state is swapped in and durable, before any ENTRIES
+      // ack: without entries to send, that ack is what says the ship is done.
+      const acksMin = plan.plan.action === "state" ? this.#acks.acks + 1 : 0;
       if (plan.plan.action === "state") await this.#sendState(manifest, plan.plan);
       await this.#streamEntries(tail);
-      await this.#waitAcked(this.#sentSeq);
+      await this.#waitAcked(this.#sentSeq, acksMin);
       this.#report(tail, true);
       await writeAll(this.#conn, encodeJsonFrame(FRAME_TYPES.BYE, {}));
     } finally {
@@ -618,15 +625,15 @@ class SenderSession {
           { path },
         );
       }
-      const crc = new Crc32cStream();
-      await crc.init();
+      let baseCrc32c = 0;
       const chunk = new Uint8Array(CHUNK_RAW_BYTES_MAX);
       let dataBytes = 0;
       for (let offset = 0; offset < sizeBytes; offset += chunk.length) {
         const bytes = chunk.subarray(0, Math.min(chunk.length, sizeBytes - offset));
         readFully(fd, bytes, bytes.length, offset);
-        crc.update(bytes);
-        for (const run of nonZeroRuns(bytes)) {
+        const runs = nonZeroRuns(bytes);
+        baseCrc32c = crc32cCombine(baseCrc32c, crc32cOfRuns(bytes, runs), bytes.length);
+        for (const run of runs) {
           const raw = bytes.subarray(run.start, run.end);
           const body = encodeChunkBody({
             offsetBytes: offset + run.start,
@@ -644,14 +651,16 @@ class SenderSession {
           totalBytes: sizeBytes,
         });
       }
-      const crc32c = crc.digestHex();
-      if (crc32c !== manifest.base.crc32c) {
+      const baseHex = crc32cHex(baseCrc32c);
+      if (baseHex !== manifest.base.crc32c) {
         throw new IntegrityError(
-          `Base snapshot ${path} does not match its checksum (crc32c ${crc32c}, expected ${manifest.base.crc32c})`,
+          `Base snapshot ${path} does not match its checksum (crc32c ${baseHex}, expected ${manifest.base.crc32c})`,
           { path },
         );
       }
-      await this.#send(encodeJsonFrame(FRAME_TYPES.BASE_END, { crc32c, dataBytes }));
+      await this.#send(
+        encodeJsonFrame(FRAME_TYPES.BASE_END, { crc32c: baseHex, dataBytes }),
+      );
     } finally {
       fs.closeSync(fd);
     }
@@ -661,13 +670,12 @@ class SenderSession {
     const fd = fs.openSync(path, "r");
     try {
       await this.#send(encodeJsonFrame(FRAME_TYPES.LEVEL_BEGIN, { file }));
-      const crc = new Crc32cStream();
-      await crc.init();
+      let levelCrc32c = 0;
       const chunk = new Uint8Array(CHUNK_RAW_BYTES_MAX);
       for (let offset = 0; offset < sizeBytes; offset += chunk.length) {
         const bytes = chunk.subarray(0, Math.min(chunk.length, sizeBytes - offset));
         readFully(fd, bytes, bytes.length, offset);
-        crc.update(bytes);
+        levelCrc32c = crc32cCombine(levelCrc32c, crc32c(bytes), bytes.length);
         const body = encodeChunkBody({
           offsetBytes: offset,
           rawBytes: bytes.length,
@@ -681,47 +689,26 @@ class SenderSession {
           totalBytes: sizeBytes,
         });
       }
-      await this.#send(encodeJsonFrame(FRAME_TYPES.LEVEL_END, { crc32c: crc.digestHex() }));
+      await this.#send(
+        encodeJsonFrame(FRAME_TYPES.LEVEL_END, { crc32c: crc32cHex(levelCrc32c) }),
+      );
     } finally {
       fs.closeSync(fd);
     }
   }
 
   async #streamEntries(tail: LogTail): Promise<void> {
-    const builder = new FrameBuilder();
     const follow = this.#options.follow === true;
     const signal = this.#options.signal;
-    let building = false;
-    let frameLastSeq = 0;
-    let frameFirstUs = 0;
-    const flush = async () => {
-      if (!building) return;
-      building = false;
-      const frame = builder.finish();
-      await this.#waitWindow(frame.length);
-      await this.#send(frame);
-      this.#acks.sent(frameLastSeq, frame.length, frameFirstUs);
-      this.#sentSeq = frameLastSeq;
-      this.#result.entryBytesSent += frame.length;
-    };
     for (;;) {
       if (signal?.aborted === true) break;
-      const entry = await tail.next();
-      if (entry !== undefined) {
-        if (building && builder.bodyBytes + entry.bytes.length > ENTRIES_FRAME_BYTES) await flush();
-        if (!building) {
-          builder.begin(FRAME_TYPES.ENTRIES);
-          building = true;
-          frameFirstUs = entry.header.timeUs;
-        }
-        builder.append(entry.bytes);
-        frameLastSeq = entry.header.seq;
-        this.#lastReadSeq = entry.header.seq;
-        this.#result.entriesSent++;
+      const run = await tail.nextRun(ENTRIES_FRAME_BYTES);
+      if (run !== undefined) {
+        this.#lastReadSeq = run.lastSeq;
+        await this.#sendRun(run);
         this.#report(tail, false);
         continue;
       }
-      await flush();
       if (!follow) break;
       if (performance.now() - this.#lastOvertakenCheckMs > OVERTAKEN_CHECK_MS) {
         this.#lastOvertakenCheckMs = performance.now();
@@ -731,7 +718,23 @@ class SenderSession {
       await this.#keepAlive();
       await this.#acks.waitForChange(this.#options.pollMs ?? POLL_MS);
     }
-    await flush();
+  }
+
+  /**
+   * Sends a run of entries as one ENTRIES frame, its body written from the tail's buffer as it
+   * is (no copy into a frame), its checksum combined from the CRCs the tail computed.
+   */
+  async #sendRun(run: TailRun): Promise<void> {
+    const { head, tail } = frameEnvelope(FRAME_TYPES.ENTRIES, run.bytes.length, run.crc32c);
+    const frameBytes = head.length + run.bytes.length + tail.length;
+    await this.#waitWindow(frameBytes);
+    await this.#send(head);
+    await this.#send(run.bytes);
+    await this.#send(tail);
+    this.#acks.sent(run.lastSeq, frameBytes, run.firstTimeUs);
+    this.#sentSeq = run.lastSeq;
+    this.#result.entriesSent += run.entries;
+    this.#result.entryBytesSent += frameBytes;
   }
 
   async #waitWindow(bytes: number): Promise<void> {
@@ -742,10 +745,13 @@ class SenderSession {
     }
   }
 
-  /** Waits until the receiver acks `seq`, bounded by the receiver's idle limit. */
-  async #waitAcked(seq: number): Promise<void> {
+  /**
+   * Waits until the receiver acks `seq` and has sent at least `acksMin` ACK frames, bounded by the
+   * receiver's idle limit.
+   */
+  async #waitAcked(seq: number, acksMin = 0): Promise<void> {
     const deadlineMs = performance.now() + Math.max(this.#idleMsMax, 30_000);
-    while (this.#acks.ackedSeq < seq) {
+    while (this.#acks.ackedSeq < seq || this.#acks.acks < acksMin) {
       if (performance.now() > deadlineMs) {
         throw new Error(
           `No ack for seq ${seq} from ${this.#result.target} within ${this.#idleMsMax} ms`,
@@ -801,6 +807,21 @@ class SenderSession {
       caughtUp: lag.bytes === 0 && lag.entries === 0,
     });
   }
+}
+
+/**
+ * CRC32C of `bytes` from its non-zero runs: the zero blocks between them, already read by
+ * {@linkcode nonZeroRuns}, are counted in O(log n) instead of hashed (most of a base is holes).
+ */
+function crc32cOfRuns(bytes: Uint8Array, runs: { start: number; end: number }[]): number {
+  let crc = 0;
+  let at = 0;
+  for (const run of runs) {
+    crc = crc32cCombine(crc, crc32cOfZeros(run.start - at), run.start - at);
+    crc = crc32cCombine(crc, crc32c(bytes.subarray(run.start, run.end)), run.end - run.start);
+    at = run.end;
+  }
+  return crc32cCombine(crc, crc32cOfZeros(bytes.length - at), bytes.length - at);
 }
 
 /** Runs of non-zero 4 KiB blocks in `bytes`. */

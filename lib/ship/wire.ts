@@ -14,6 +14,8 @@
 import { createCRC32, type IHasher } from "hash-wasm";
 import * as zlib from "node:zlib";
 import { assert } from "../_assert.ts";
+import { crc32c, crc32cCombine } from "../checksum.ts";
+import { decodeEntryHeader, ENTRY_HEADER_BYTES } from "../format/entry.ts";
 
 /** Version of the ship protocol this code speaks (sent in both hellos). */
 export const PROTOCOL_VERSION = 1;
@@ -85,6 +87,51 @@ export function frameChecksum(type: number, body: Uint8Array): number {
   return ((digest[0] << 24) | (digest[1] << 16) | (digest[2] << 8) | digest[3]) >>> 0;
 }
 
+/** A CRC32C as BASE_END, LEVEL_END and manifests write it: 8 lowercase hex digits. */
+export function crc32cHex(crc32c: number): string {
+  return (crc32c >>> 0).toString(16).padStart(8, "0");
+}
+
+/** CRC32C of each frame type's code byte alone: where a combined frame checksum starts. */
+const TYPE_CRC32C: readonly number[] = Array.from(
+  { length: 256 },
+  (_, t) => crc32c(Uint8Array.of(t)),
+);
+
+/**
+ * The checksum of an ENTRIES frame read once: the CRC32C of every entry's header and of its
+ * payload, from the bytes, combined into the frame's (crc32cCombine is O(log n) and reads nothing),
+ * along with the payload CRCs, so the receiver checks each entry against its header without
+ * reading the payloads a second time. Undefined when the body does not split into whole entries
+ * with valid headers: the caller then checksums the frame the plain way, so a damaged frame is
+ * still reported as a bad checksum first.
+ */
+function entriesChecksum(
+  type: number,
+  body: Uint8Array,
+  payloadCrc32c: number[],
+): number | undefined {
+  let frameCrc32c = TYPE_CRC32C[type];
+  let position = 0;
+  payloadCrc32c.length = 0;
+  while (position < body.length) {
+    const decoded = decodeEntryHeader(body, position);
+    if (!decoded.ok) return undefined;
+    const payloadStart = position + ENTRY_HEADER_BYTES;
+    const end = payloadStart + decoded.header.payloadBytes;
+    if (end > body.length) return undefined;
+    const payloadCrc = crc32c(body.subarray(payloadStart, end));
+    frameCrc32c = crc32cCombine(
+      crc32cCombine(frameCrc32c, crc32c(body.subarray(position, payloadStart)), ENTRY_HEADER_BYTES),
+      payloadCrc,
+      end - payloadStart,
+    );
+    payloadCrc32c.push(payloadCrc);
+    position = end;
+  }
+  return frameCrc32c;
+}
+
 /**
  * Encodes one frame.
  *
@@ -103,6 +150,26 @@ export function encodeFrame(type: FrameType, body: Uint8Array): Uint8Array {
   frame.set(body, FRAME_HEAD_BYTES);
   view.setUint32(FRAME_HEAD_BYTES + body.length, frameChecksum(type, body));
   return frame;
+}
+
+/**
+ * The head (length, type) and tail (checksum) of a frame whose body is written as it is, from
+ * where it lies (ENTRIES straight from the sender's read buffer). The checksum is combined from the
+ * body's CRC32C, which the caller computed from the bytes, so the body is not read again.
+ */
+export function frameEnvelope(
+  type: FrameType,
+  bodyBytes: number,
+  bodyCrc32c: number,
+): { head: Uint8Array; tail: Uint8Array } {
+  assert(bodyBytes <= FRAME_BYTES_MAX, `frame body of ${bodyBytes} bytes over the limit`);
+  const head = new Uint8Array(FRAME_HEAD_BYTES);
+  const headView = new DataView(head.buffer);
+  headView.setUint32(0, bodyBytes);
+  headView.setUint8(4, type);
+  const tail = new Uint8Array(FRAME_TAIL_BYTES);
+  new DataView(tail.buffer).setUint32(0, crc32cCombine(TYPE_CRC32C[type], bodyCrc32c, bodyBytes));
+  return { head, tail };
 }
 
 /** Encodes a control frame whose body is `value` as JSON. */
@@ -189,6 +256,11 @@ export class FrameBuilder {
 export interface Frame {
   type: number;
   body: Uint8Array;
+  /**
+   * ENTRIES frames whose body splits into whole entries: the CRC32C of each entry's payload,
+   * computed from the bytes received while checking the frame (valid as long as `body`).
+   */
+  payloadCrc32c?: readonly number[];
 }
 
 /** What a {@linkcode FrameReader} reads from: a TCP or TLS connection, or a test double. */
@@ -206,6 +278,7 @@ export class FrameReader {
   #start = 0;
   #end = 0;
   #body: Uint8Array = new Uint8Array(0);
+  #payloadCrc32c: number[] = [];
   /** Largest body accepted; see {@linkcode FrameReader.frameBytesMax}. */
   frameBytesMax: number;
   /** Bytes received so far (for stats). */
@@ -256,7 +329,10 @@ export class FrameReader {
       tail = new DataView(whole.buffer, whole.byteOffset + bodyBytes, FRAME_TAIL_BYTES);
     }
     const expected = tail.getUint32(0);
-    const actual = frameChecksum(type, body);
+    const combined = type === FRAME_TYPES.ENTRIES
+      ? entriesChecksum(type, body, this.#payloadCrc32c)
+      : undefined;
+    const actual = combined ?? frameChecksum(type, body);
     if (expected !== actual) {
       throw new ProtocolError(
         `Bad checksum on a ${frameTypeName(type)} frame of ${bodyBytes} bytes (crc32c 0x${
@@ -264,7 +340,8 @@ export class FrameReader {
         }, the frame says 0x${expected.toString(16)})`,
       );
     }
-    return { type, body };
+    if (combined === undefined) return { type, body };
+    return { type, body, payloadCrc32c: this.#payloadCrc32c };
   }
 
   #truncated(type: number, bodyBytes: number): never {
