@@ -8,7 +8,7 @@ import { CreateBucketCommand, S3Client } from "@aws-sdk/client-s3";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { S3Store, type S3StoreOptions } from "../lib/store/s3_store.ts";
-import { REPO_DIR, run, which } from "./_watch_harness.ts";
+import { REPO_DIR, run, runOk, which } from "./_watch_harness.ts";
 
 /** The swift servers the script starts (Debian 12 packages swift-proxy, swift-object, …). */
 const SWIFT_SERVERS = [
@@ -31,6 +31,11 @@ export interface SwiftNode {
   /** An S3Store of `bucket` on this node. */
   store(bucket: string, options?: S3StoreOptions): S3Store;
   createBucket(bucket: string): Promise<void>;
+  /** Stops only the proxy (the S3 endpoint refuses connections until startProxy). */
+  stopProxy(): Promise<void>;
+  /** {@linkcode SwiftNode.stopProxy}, blocking the event loop until the proxy is gone. */
+  stopProxySync(): void;
+  startProxy(): Promise<void>;
   stop(): Promise<void>;
 }
 
@@ -110,6 +115,12 @@ export async function startSwift(): Promise<SwiftNode> {
         client.destroy();
       }
     },
+    stopProxy: async () => void await runOk("bash", [script, "proxy-stop", dir]),
+    stopProxySync: () => {
+      const result = new Deno.Command("bash", { args: [script, "proxy-stop", dir] }).outputSync();
+      if (!result.success) throw new Error(`proxy-stop failed: ${result.code}`);
+    },
+    startProxy: async () => void await runOk("bash", [script, "proxy-start", dir]),
     stop,
   };
   return node;

@@ -65,6 +65,10 @@ async function runSteps(t: Deno.TestContext, swift: SwiftNode): Promise<void> {
     () => withTempDir((dir) => failuresLeaveLocalDataAlone(swift, dir)),
   );
   await t.step(
+    "ship retries while the Swift proxy is down mid-upload, then completes: nothing lost or duplicated",
+    () => withTempDir((dir) => proxyDownMidUpload(swift, dir)),
+  );
+  await t.step(
     "ship refuses a prefix that holds another logdir",
     () => withTempDir((dir) => refusesAnotherLogdir(swift, dir)),
   );
@@ -221,7 +225,9 @@ async function restoresMatch(
   const bySeq = join(dir, "s3-seq.img");
   const seqRun = await runCli(["restore", url, bySeq, "--at", "seq:42"], { env: swift.env });
   assert.deepEqual(seqRun.code, 0, seqRun.stderr);
-  assertBytesEqual(readAll(bySeq), w.history[42].image, `[seed ${seed}] seq:42`);
+  const localSeq = join(dir, "local-seq.img");
+  await restoreAt(w.logdir, localSeq, { at: { kind: "seq", seq: 42 } });
+  assertBytesEqual(readAll(bySeq), readAll(localSeq), `[seed ${seed}] seq:42: s3 vs local`);
   const latest = join(dir, "s3-latest.img");
   const latestRun = await runCli(["restore", url, latest], { env: swift.env });
   assert.deepEqual(latestRun.code, 0, latestRun.stderr);
@@ -273,6 +279,51 @@ async function failuresLeaveLocalDataAlone(swift: SwiftNode, dir: string): Promi
     }
     await assertTreeUnchanged(w.logdir, before, what);
     assert.deepEqual(await exists(join(dir, "out.img")), false, `${what}: no output file`);
+  }
+}
+
+async function proxyDownMidUpload(swift: SwiftNode, dir: string): Promise<void> {
+  const seed = testSeed();
+  const random = new Random(seed);
+  const w = await makeWorkload(dir, random);
+  await appendSteps(w, random, 200);
+  const store = swift.store("sectorlog");
+  const retries: string[] = [];
+  let outage: Promise<void> | undefined;
+  try {
+    const result = await shipToStore(w.logdir, { store, prefix: "faults/vm1" }, {
+      retryDelaysMs: [500, 1_000, 2_000, 4_000, 8_000],
+      onProgress: (doneBytes) => {
+        // After the first object is up, take the endpoint away for a while, mid-upload.
+        if (outage !== undefined || doneBytes === 0) return;
+        // Stopped synchronously, so that the very next request finds the proxy gone.
+        swift.stopProxySync();
+        outage = new Promise((resolve) => setTimeout(resolve, 2_000)).then(() =>
+          swift.startProxy()
+        );
+      },
+      onRetry: ({ error }) => retries.push(error.message),
+    });
+    await outage;
+    assert.ok(retries.length > 0, `[seed ${seed}] no retry happened`);
+    assert.match(retries[0], /^Cannot upload s3:\/\/sectorlog\/faults\/vm1\//);
+    const manifest = await readManifest(w.logdir);
+    assert.deepEqual(result.lastSeq, manifest.segments.at(-1)!.lastSeq);
+    assert.deepEqual(result.objectsUploaded, 1 + manifest.segments.length);
+    const keys = [];
+    for await (const item of store.list("faults/vm1/")) keys.push(item.key);
+    assert.deepEqual(keys.length, 2 + manifest.segments.length, keys.join(" "));
+    const timeUs = w.history[w.history.length - 1].timeUs;
+    const output = join(dir, "after-outage.img");
+    await withLocalCopy(
+      { store, prefix: "faults/vm1" },
+      { kind: "all" },
+      (copy) => restoreAt(copy.logdir, output, { at: { kind: "instant", timeUs } }),
+    );
+    assertBytesEqual(readAll(output), w.model, `[seed ${seed}] restore after the outage`);
+  } finally {
+    await outage?.catch(() => {});
+    store.close();
   }
 }
 

@@ -5,6 +5,8 @@
 #   tests/s3/swift.sh start DIR   # ~6 s; prints S3_ENDPOINT=..., S3_ACCESS_KEY, S3_SECRET_KEY,
 #                                 # S3_REGION, SWIFT_S3_DIR (also written to DIR/env)
 #   tests/s3/swift.sh stop DIR    # stops the four servers (by recorded pid); DIR is left in place
+#   tests/s3/swift.sh proxy-stop DIR / proxy-start DIR
+#                                 # stop or start only the proxy (the S3 endpoint), for fault tests
 #
 # Everything lives under DIR. Swift 2.30 hard-codes /etc/swift/swift.conf, so the servers are
 # started through a small Python launcher that points it at DIR/etc/swift.conf: /etc is neither
@@ -15,7 +17,7 @@
 # DeleteObjects, which current AWS SDKs no longer send (they send a CRC32 checksum instead).
 set -euo pipefail
 
-usage() { echo "usage: $0 start|stop DIR" >&2; exit 2; }
+usage() { echo "usage: $0 start|stop|proxy-stop|proxy-start DIR" >&2; exit 2; }
 [ $# -ge 2 ] || usage
 ACTION=$1
 DIR=$2
@@ -44,13 +46,45 @@ rm -f "$DIR"/run/*.pid
 echo "stopped"
 }
 
+PY=/usr/bin/python3          # Debian's python (swift is in dist-packages)
+ETC=$DIR/etc
+
+start() {  # $1 = server name (object-server ...); setsid: its pid is its process group
+  PYTHONPATH=$DIR/run SWIFT_S3_ETC=$ETC setsid "$PY" "$DIR/run/launch.py" "$1" "$ETC/$1.conf" \
+    >>"$DIR/log/$1.log" 2>&1 < /dev/null &
+  echo $! > "$DIR/run/$1.pid"
+}
+
+proxy_stop() {
+  local pid
+  pid=$(cat "$DIR/run/proxy-server.pid")
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$DIR/run/proxy-server.pid"
+  echo "proxy stopped"
+}
+
+proxy_start() {
+  local endpoint
+  endpoint=$(sed -n 's/^S3_ENDPOINT=//p' "$DIR/env")
+  start proxy-server
+  for _ in $(seq 300); do
+    curl -fsS -o /dev/null "$endpoint/healthcheck" 2>/dev/null && { echo "proxy started"; return; }
+    sleep 0.1
+  done
+  echo "proxy not ready after 30 s; log in $DIR/log/proxy-server.log" >&2
+  exit 1
+}
+
 case "$ACTION" in
   start) ;;
   stop) stop_servers; exit 0 ;;
+  proxy-stop) proxy_stop; exit 0 ;;
+  proxy-start) proxy_start; exit 0 ;;
   *) usage ;;
 esac
 
-PY=/usr/bin/python3          # Debian's python (swift is in dist-packages)
 S3_PORT=${S3_PORT:-8080}
 OBJ_PORT=${OBJ_PORT:-$((S3_PORT + 1))}
 CONT_PORT=${CONT_PORT:-$((S3_PORT + 2))}
@@ -61,7 +95,6 @@ RUN_USER=$(id -un)
 HOST=127.0.0.1
 
 mkdir -p "$DIR"/{etc,srv/node/d1,run,log,cache}
-ETC=$DIR/etc
 
 # ---------------------------------------------------------------- swift.conf
 cat > "$ETC/swift.conf" <<EOF
@@ -333,11 +366,6 @@ def content_md5_factory(global_conf, **local_conf):
     return filt
 EOF
 
-start() {  # $1 = server name (object-server ...)
-  PYTHONPATH=$DIR/run SWIFT_S3_ETC=$ETC setsid "$PY" "$DIR/run/launch.py" "$1" "$ETC/$1.conf" \
-    >"$DIR/log/$1.log" 2>&1 < /dev/null &
-  echo $! > "$DIR/run/$1.pid"
-}
 start account-server
 start container-server
 start object-server
