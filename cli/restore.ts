@@ -7,10 +7,13 @@ import { realpathSync } from "node:fs";
 import { EXIT_INTEGRITY, UsageError } from "../lib/errors.ts";
 import { restoreAt } from "../lib/restore.ts";
 import { restoreInPlace } from "../lib/restore_in_place.ts";
+import { isS3Url } from "../lib/store/s3_url.ts";
+import { withLocalCopy } from "../lib/store/store_logdir.ts";
 import { parseTime, type TimeSpec } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_output.ts";
+import { copyNeedFor, openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 
-interface RestoreFlags {
+interface RestoreFlags extends S3Flags {
   at?: string;
   toFlush?: boolean;
   force?: boolean;
@@ -22,9 +25,9 @@ interface RestoreFlags {
 
 /** Builds the `restore` command. */
 export function restoreCommand(): Command {
-  return new Command("restore")
+  return withS3Options(new Command("restore"))
     .description("write the device image as it was at a time to a file or block device")
-    .argument("<logdir>", "log directory to restore from")
+    .argument("<logdir>", "log directory to restore from, or s3://bucket/prefix")
     .argument(
       "[output]",
       "new file, existing file or block device (existing ones need --force); omit with --in-place",
@@ -49,7 +52,8 @@ export function restoreCommand(): Command {
       "after",
       "\nExamples:\n  sectorlog restore /var/lib/sectorlog/vm1 /tmp/vm1.img --at '2026-11-24 02:13' --to-flush\n" +
         "  sectorlog restore /var/lib/sectorlog/vm1 /dev/loop4 --at mark:before-upgrade --force\n" +
-        "  sectorlog restore /var/lib/sectorlog/vm1 --at mark:before-upgrade --in-place /dev/loop3\n",
+        "  sectorlog restore /var/lib/sectorlog/vm1 --at mark:before-upgrade --in-place /dev/loop3\n" +
+        "  sectorlog restore s3://backups/vm1 /tmp/vm1.img --at -2h --s3-endpoint http://127.0.0.1:8080\n",
     )
     .action(async (logdir: string, output: string | undefined, flags: RestoreFlags) => {
       const at = flags.at === undefined || flags.at === "now" ? undefined : parseTime(flags.at);
@@ -60,15 +64,19 @@ export function restoreCommand(): Command {
         });
       }
       const progress = progressBar("restore", flags.json !== true);
-      let result;
-      try {
-        result = await restoreAt(logdir, output, {
+      const restore = (from: string) =>
+        restoreAt(from, output, {
           at,
           toFlush: flags.toFlush,
           force: flags.force,
           stopAtCorruption: flags.stopAtCorruption,
           onProgress: (done, total) => progress.update(done, total),
         });
+      let result;
+      try {
+        result = isS3Url(logdir)
+          ? await restoreFromStore(logdir, output, at, flags, restore)
+          : await restore(logdir);
       } finally {
         progress.stop();
       }
@@ -94,6 +102,40 @@ export function restoreCommand(): Command {
     });
 }
 
+/**
+ * A restore from an `s3://` logdir: the objects the point needs are fetched into a temporary local
+ * logdir first (see lib/store/store_logdir.ts), then restored from as from any logdir.
+ */
+async function restoreFromStore(
+  url: string,
+  output: string,
+  at: TimeSpec | undefined,
+  flags: RestoreFlags,
+  restore: (logdir: string) => ReturnType<typeof restoreAt>,
+): ReturnType<typeof restoreAt> {
+  const source = await openStoreLogdir(url, flags, "<logdir>");
+  try {
+    if (flags.force !== true && fileExists(output)) {
+      // Refused before any download, as restoreAt would after it.
+      throw new UsageError(`Cannot restore to ${output}: it already exists`, {
+        hint: "pass --force to overwrite it",
+      });
+    }
+    return await withLocalCopy(source, copyNeedFor(at), (copy) => restore(copy.logdir));
+  } finally {
+    source.store.close();
+  }
+}
+
+function fileExists(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** `restore --in-place <device>`: the output argument, when given, must name the same device. */
 async function restoreInPlaceAction(
   logdir: string,
@@ -102,6 +144,14 @@ async function restoreInPlaceAction(
   flags: RestoreFlags,
 ): Promise<void> {
   const device = flags.inPlace!;
+  if (isS3Url(logdir)) {
+    throw new UsageError(
+      `Cannot restore ${logdir} --in-place: the journal must be a local logdir`,
+      {
+        hint: `restore to a file first: sectorlog restore ${logdir} <output> --at TIME`,
+      },
+    );
+  }
   if (output !== undefined && !samePath(output, device)) {
     throw new UsageError(
       `Cannot restore to ${output} and --in-place ${device} at once: give the device once`,

@@ -4,11 +4,14 @@ import { UsageError } from "../lib/errors.ts";
 import { parseHostPort } from "../lib/address.ts";
 import { loadKeyFile } from "../lib/ship/auth.ts";
 import { type ShipEvent, shipLogdir, type ShipOptions } from "../lib/ship/sender.ts";
+import { isS3Url } from "../lib/store/s3_url.ts";
+import { shipToStore } from "../lib/store/store_logdir.ts";
 import { formatTimeUtc } from "../lib/time.ts";
 import { parseIntegerOption } from "./_errors.ts";
 import { formatBytes, print, printJson, type Progress, progressBar, say } from "./_output.ts";
+import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 
-interface ShipFlags {
+interface ShipFlags extends S3Flags {
   follow?: boolean;
   hostId?: string;
   keyFile?: string;
@@ -21,12 +24,15 @@ interface ShipFlags {
 
 /** Builds the `ship` command. */
 export function shipCommand(): Command {
-  return new Command("ship")
+  return withS3Options(new Command("ship"))
     .description(
-      "send a logdir's base and entries to a `sectorlog receive`, resuming where it stopped",
+      "send a logdir's base and entries to a `sectorlog receive` or to object storage (s3://), resuming where it stopped",
     )
     .argument("<logdir>", "log directory to ship (read only: ship never deletes anything)")
-    .argument("<host:port>", "address of the receiver")
+    .argument(
+      "<host:port>",
+      "address of the receiver, or s3://bucket/prefix (one-shot: seals the live segment, uploads what the bucket lacks, the manifest last)",
+    )
     .option("--follow", "keep tailing the logdir as watch appends, reconnecting after failures")
     .option("--host-id <id>", "host id on the receiver (default: the logdir's host id)")
     .option("--key-file <file>", "prove this shared key to the receiver and require its proof")
@@ -39,9 +45,11 @@ export function shipCommand(): Command {
       "after",
       "\nExamples:\n  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --key-file /etc/sectorlog/ship.key\n" +
         "  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --follow --tls-ca /etc/sectorlog/ca.pem\n" +
+        "  sectorlog ship /var/lib/sectorlog/vm1 s3://backups/vm1 --s3-endpoint http://127.0.0.1:8080\n" +
         "\nExit codes: 0 everything acked, 1 network failure, 2 refused (key, host id, identity), 3 corrupt entry, 4 host busy\n",
     )
     .action(async (logdir: string, address: string, flags: ShipFlags) => {
+      if (isS3Url(address)) return await shipToS3(logdir, address, flags);
       const target = parseHostPort(address, "<host:port>");
       const reportMs = parseIntegerOption(flags.reportInterval, "--report-interval") * 1000;
       if (reportMs < 1000) throw new UsageError("Invalid --report-interval: expected at least 1");
@@ -83,6 +91,56 @@ export function shipCommand(): Command {
         } in ${result.durationMs} ms`,
       );
     });
+}
+
+/** `ship <logdir> s3://bucket/prefix`: one upload round (no --follow yet). */
+async function shipToS3(logdir: string, url: string, flags: ShipFlags): Promise<void> {
+  const unsupported = (
+    [
+      ["--follow", flags.follow],
+      ["--host-id", flags.hostId],
+      ["--key-file", flags.keyFile],
+      ["--tls", flags.tls],
+      ["--tls-ca", flags.tlsCa],
+      ["--force", flags.force],
+    ] as const
+  ).find(([, value]) => value !== undefined);
+  if (unsupported !== undefined) {
+    throw new UsageError(`Cannot use ${unsupported[0]} when shipping to ${url}`, {
+      hint: "object storage is shipped to one-shot; run ship again (e.g. from cron) to catch up",
+    });
+  }
+  const target = await openStoreLogdir(url, flags, "<host:port>");
+  const progress = progressBar("ship", flags.json !== true);
+  let result;
+  try {
+    result = await shipToStore(logdir, target, {
+      onProgress: (done, total) => progress.update(done, total),
+      onRetry: ({ error, attempt, delayMs }) => {
+        progress.stop();
+        say(`sectorlog ship: ${error.message}; retrying in ${delayMs} ms (attempt ${attempt})`);
+      },
+    });
+  } finally {
+    progress.stop();
+    target.store.close();
+  }
+  if (result.sealNote !== undefined) {
+    say(
+      `sectorlog ship: warning: the live segment was not sealed, so not shipped: ${result.sealNote}`,
+    );
+  }
+  if (flags.json === true) {
+    printJson({ command: "ship", ...result });
+    return;
+  }
+  say(
+    `sectorlog ship: ${result.target} holds ${result.hostId} up to seq ${result.lastSeq}: ${result.objectsUploaded} objects (${
+      formatBytes(result.bytesUploaded)
+    }) uploaded, ${result.objectsPresent} already there${
+      result.manifestUploaded ? ", manifest updated" : ", manifest unchanged"
+    }, in ${result.durationMs} ms`,
+  );
 }
 
 async function tlsOptions(flags: ShipFlags): Promise<ShipOptions["tls"]> {

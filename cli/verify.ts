@@ -1,21 +1,26 @@
 /** `sectorlog verify <logdir>`: checksums, sequence, torn tails. Exit 3 on a problem. */
 import { Command } from "commander";
 import { EXIT_INTEGRITY } from "../lib/errors.ts";
-import { verifyLogdir } from "../lib/verify.ts";
+import { isS3Url } from "../lib/store/s3_url.ts";
+import { withLocalCopy } from "../lib/store/store_logdir.ts";
+import { verifyLogdir, type VerifyResult } from "../lib/verify.ts";
 import { formatBytes, printJson, progressBar, say } from "./_output.ts";
+import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 
 /** Builds the `verify` command. */
 export function verifyCommand(): Command {
-  return new Command("verify")
+  return withS3Options(new Command("verify"))
     .description("check the base snapshot, every entry's checksums, seq continuity and time order")
-    .argument("<logdir>", "log directory")
+    .argument("<logdir>", "log directory, or s3://bucket/prefix (every object is fetched)")
     .option("--json", "print a JSON summary on stdout")
     .addHelpText("after", "\nExample:\n  sectorlog verify /var/lib/sectorlog/vm1 || alert-admin\n")
-    .action(async (logdir: string, flags: { json?: boolean }) => {
+    .action(async (logdir: string, flags: { json?: boolean } & S3Flags) => {
       const progress = progressBar("verify", flags.json !== true);
       let result;
       try {
-        result = await verifyLogdir(logdir, { onProgress: (d, t) => progress.update(d, t) });
+        const verify = (from: string) =>
+          verifyLogdir(from, { onProgress: (d, t) => progress.update(d, t) });
+        result = isS3Url(logdir) ? await verifyStore(logdir, flags, verify) : await verify(logdir);
       } finally {
         progress.stop();
       }
@@ -41,4 +46,25 @@ export function verifyCommand(): Command {
         result.ok ? `ok: ${summary}` : `FAILED: ${result.problems.length} problem(s); ${summary}`,
       );
     });
+}
+
+/** Verifies an `s3://` logdir: every object fetched into a temporary local copy, then checked. */
+async function verifyStore(
+  url: string,
+  flags: S3Flags,
+  verify: (logdir: string) => Promise<VerifyResult>,
+): Promise<VerifyResult> {
+  const source = await openStoreLogdir(url, flags, "<logdir>");
+  try {
+    return await withLocalCopy(source, { kind: "all" }, async (copy) => {
+      const result = await verify(copy.logdir);
+      for (const problem of result.problems) {
+        problem.path = copy.rename(problem.path);
+        problem.message = copy.rename(problem.message);
+      }
+      return result;
+    });
+  } finally {
+    source.store.close();
+  }
 }

@@ -255,7 +255,9 @@ function formatCut(cutUs: number): string {
 // ---------------------------------------------------------------------------------------------
 // Sealing: bring every entry so far into sealed segments, if the writer lets us.
 
-interface SealOutcome {
+/** How {@linkcode sealLiveSegment} went: who sealed, or why nothing was. */
+export interface SealOutcome {
+  /** `compact`: this process opened the logdir as its writer and rotated. */
   via: CompactResult["sealedVia"];
   note?: string;
   warning?: string;
@@ -268,10 +270,10 @@ interface SealOutcome {
  * unsealed entries a watch must still replay onto its device is left alone: sealing them would
  * hide them from that replay.
  */
-async function sealLiveSegment(logdir: string): Promise<SealOutcome> {
+export async function sealLiveSegment(logdir: string, purpose = "compact"): Promise<SealOutcome> {
   let lock: LogdirLock;
   try {
-    lock = await LogdirLock.acquire(logdir, "compact");
+    lock = await LogdirLock.acquire(logdir, purpose);
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;
     return await sealThroughWriter(logdir, error);
@@ -288,7 +290,7 @@ async function sealLiveSegment(logdir: string): Promise<SealOutcome> {
     // Two unsealed segments: a writer died during a seal. Opening a writer would seal the
     // complete one at once, before the replay a watch does on open.
     if (unsealed.length > 1) return unreplayed;
-    const writer = await LogdirWriter.open(logdir, { purpose: "compact", lock });
+    const writer = await LogdirWriter.open(logdir, { purpose, lock });
     try {
       if (await hasUnreplayedChanges(writer)) return unreplayed;
       await writer.rotate();

@@ -38,6 +38,8 @@ export interface RunOptions {
   /** Bytes for stdin (default: no stdin). */
   stdin?: Uint8Array;
   cwd?: string;
+  /** Extra environment variables for the command. */
+  env?: Record<string, string>;
 }
 
 /** Runs `command` with `args` to completion and captures its exit code, stdout and stderr. */
@@ -49,6 +51,7 @@ export async function run(
   const child = new Deno.Command(command, {
     args,
     cwd: options.cwd ?? REPO_DIR,
+    env: options.env,
     stdin: options.stdin === undefined ? "null" : "piped",
     stdout: "piped",
     stderr: "piped",

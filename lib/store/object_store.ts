@@ -1,0 +1,66 @@
+/**
+ * The object storage a logdir can live in (S3 and S3-compatible stores such as Swift, Ceph RGW,
+ * MinIO): a flat namespace of immutable objects under string keys. The logdir code needs only
+ * these few operations; {@linkcode S3Store} implements them.
+ *
+ * @module
+ */
+
+/** What {@linkcode ObjectStore.head} and {@linkcode ObjectStore.list} tell about an object. */
+export interface ObjectInfo {
+  /** The object's key (full, including any prefix). */
+  key: string;
+  sizeBytes: number;
+}
+
+/** A byte range of an object: `[offsetBytes, offsetBytes + lengthBytes)`. */
+export interface ByteRange {
+  offsetBytes: number;
+  lengthBytes: number;
+}
+
+/** Options of {@linkcode ObjectStore.putFile}. */
+export interface PutFileOptions {
+  /** Store only this many bytes from the start of the file (default: the whole file). */
+  sizeBytes?: number;
+  /** Called after each part (or the whole object) is stored. */
+  onProgress?: (doneBytes: number, totalBytes: number) => void;
+}
+
+/** A flat store of immutable objects. Every method throws a one-line error naming the key. */
+export interface ObjectStore {
+  /** Checks that the store answers, accepts the credentials and holds the bucket. */
+  check(): Promise<void>;
+  /** A human-readable name of `key` for messages, e.g. `s3://bucket/prefix/manifest.json`. */
+  describe(key: string): string;
+  /** Stores `bytes` under `key`, replacing any object there. */
+  put(key: string, bytes: Uint8Array): Promise<void>;
+  /**
+   * Stores the file at `path` (or its first `options.sizeBytes`) under `key`, in parts when it is
+   * large, with bounded memory; returns the bytes stored.
+   */
+  putFile(key: string, path: string, options?: PutFileOptions): Promise<number>;
+  /** The whole object, or a range of it; undefined when there is no such object. */
+  get(key: string, range?: ByteRange): Promise<Uint8Array | undefined>;
+  /** Streams the object into `path` (created or truncated); returns its size, or undefined. */
+  getToFile(key: string, path: string): Promise<number | undefined>;
+  /** The object's size, or undefined when there is no such object. */
+  head(key: string): Promise<ObjectInfo | undefined>;
+  /** Every object whose key starts with `prefix`, in key order. */
+  list(prefix: string): AsyncGenerator<ObjectInfo>;
+  /** Removes the object (no error when it is already gone). */
+  delete(key: string): Promise<void>;
+  /** Releases connections; the store is not used after. */
+  close(): void;
+}
+
+/** A failed object-storage operation. Exit code 1 (I/O, network). */
+export class StoreError extends Error {
+  override name = "StoreError";
+  /** True for failures worth retrying later: 5xx, throttling, timeouts, refused connections. */
+  transient: boolean;
+  constructor(message: string, options: { transient: boolean; cause?: unknown }) {
+    super(message, { cause: options.cause });
+    this.transient = options.transient;
+  }
+}

@@ -1,0 +1,393 @@
+/**
+ * {@linkcode ObjectStore} over the S3 API (`npm:@aws-sdk/client-s3`): AWS S3 and S3-compatible
+ * stores (OpenStack Swift's s3api, Ceph RGW, MinIO). Endpoint, region and credentials come from
+ * options or the usual `AWS_*` environment variables and profile files.
+ *
+ * @module
+ */
+import * as fs from "node:fs";
+import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadBucketCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+  UploadPartCommand,
+} from "@aws-sdk/client-s3";
+import { assert } from "../_assert.ts";
+import { UsageError } from "../errors.ts";
+import { readFully } from "../format/segment.ts";
+import {
+  type ByteRange,
+  type ObjectInfo,
+  type ObjectStore,
+  type PutFileOptions,
+  StoreError,
+} from "./object_store.ts";
+export { StoreError } from "./object_store.ts";
+export { isS3Url, parseS3Url, type S3Location } from "./s3_url.ts";
+
+/** Objects larger than this are uploaded in parts (multipart upload). */
+export const MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024;
+/** The size of each part of a multipart upload (S3's minimum is 5 MiB). */
+export const PART_BYTES = 8 * 1024 * 1024;
+/** S3 allows at most this many parts in one upload. */
+const PARTS_MAX = 10_000;
+/** Attempts of one request, with the SDK's exponential backoff between them. */
+export const REQUEST_ATTEMPTS_MAX = 4;
+/** A connection that is not up after this long fails (and is retried). */
+const CONNECT_TIMEOUT_MS = 5_000;
+/** A request with no progress for this long fails (and is retried). */
+const REQUEST_TIMEOUT_MS = 60_000;
+
+/** Connection settings of {@linkcode S3Store}; unset ones come from `AWS_*` and profile files. */
+export interface S3StoreOptions {
+  /** e.g. `http://127.0.0.1:8080`; default `AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, or AWS. */
+  endpoint?: string;
+  /** Default `AWS_REGION`, `AWS_DEFAULT_REGION`, then `us-east-1`. */
+  region?: string;
+  /** Path-style addressing (`endpoint/bucket/key`); default: on when an endpoint is given. */
+  forcePathStyle?: boolean;
+  /** Default: the SDK's chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, profile files, …). */
+  credentials?: { accessKeyId: string; secretAccessKey: string };
+  /** Attempts per request (default {@linkcode REQUEST_ATTEMPTS_MAX}). */
+  attemptsMax?: number;
+  /** Objects above this size go up in parts (default {@linkcode MULTIPART_THRESHOLD_BYTES}). */
+  multipartThresholdBytes?: number;
+  /** Part size of multipart uploads (default {@linkcode PART_BYTES}). */
+  partBytes?: number;
+}
+
+/**
+ * One bucket of an S3-compatible store. Keys given to its methods are full object keys.
+ *
+ * @example
+ * ```ts
+ * import { S3Store } from "./s3_store.ts";
+ * const store = new S3Store("backups", { endpoint: "http://127.0.0.1:8080" });
+ * await store.check();
+ * await store.put("vm1/hello.txt", new TextEncoder().encode("hello"));
+ * ```
+ */
+export class S3Store implements ObjectStore {
+  readonly bucket: string;
+  readonly endpoint: string;
+  #client: S3Client;
+  #multipartThresholdBytes: number;
+  #partBytes: number;
+
+  constructor(bucket: string, options: S3StoreOptions = {}) {
+    this.bucket = bucket;
+    const endpoint = options.endpoint ?? envValue("AWS_ENDPOINT_URL_S3") ??
+      envValue("AWS_ENDPOINT_URL");
+    this.endpoint = endpoint ?? "AWS S3";
+    this.#multipartThresholdBytes = options.multipartThresholdBytes ?? MULTIPART_THRESHOLD_BYTES;
+    this.#partBytes = options.partBytes ?? PART_BYTES;
+    assert(this.#partBytes >= 1 && this.#multipartThresholdBytes >= 1, "bad part sizes");
+    if (endpoint !== undefined && !/^https?:\/\/[^/]+/.test(endpoint)) {
+      throw new UsageError(
+        `Invalid --s3-endpoint ${JSON.stringify(endpoint)}: expected http(s)://host[:port]`,
+      );
+    }
+    this.#client = new S3Client({
+      endpoint,
+      region: options.region ?? envValue("AWS_REGION") ?? envValue("AWS_DEFAULT_REGION") ??
+        "us-east-1",
+      forcePathStyle: options.forcePathStyle ?? endpoint !== undefined,
+      credentials: options.credentials,
+      maxAttempts: options.attemptsMax ?? REQUEST_ATTEMPTS_MAX,
+      // Swift's s3api (and other S3-compatible stores) answer 501 to the aws-chunked uploads
+      // that the SDK's default checksums bring; send checksums only where the API requires one.
+      requestChecksumCalculation: "WHEN_REQUIRED",
+      responseChecksumValidation: "WHEN_REQUIRED",
+      requestHandler: { connectionTimeout: CONNECT_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS },
+    });
+  }
+
+  describe(key: string): string {
+    return `s3://${this.bucket}/${key}`;
+  }
+
+  /** Checks that the endpoint answers, the credentials are accepted and the bucket exists. */
+  async check(): Promise<void> {
+    try {
+      await this.#client.send(new HeadBucketCommand({ Bucket: this.bucket }));
+    } catch (error) {
+      throw this.#error("open", `s3://${this.bucket}`, error);
+    }
+  }
+
+  async put(key: string, bytes: Uint8Array): Promise<void> {
+    try {
+      await this.#client.send(
+        new PutObjectCommand({ Bucket: this.bucket, Key: key, Body: bytes }),
+      );
+    } catch (error) {
+      throw this.#error("upload", this.describe(key), error);
+    }
+  }
+
+  async putFile(key: string, path: string, options: PutFileOptions = {}): Promise<number> {
+    const fd = fs.openSync(path, "r");
+    try {
+      const fileBytes = fs.fstatSync(fd).size;
+      const sizeBytes = options.sizeBytes ?? fileBytes;
+      assert(sizeBytes <= fileBytes, `${path} is ${fileBytes} bytes, fewer than ${sizeBytes}`);
+      if (sizeBytes <= this.#multipartThresholdBytes) {
+        const bytes = new Uint8Array(sizeBytes);
+        readFully(fd, bytes, sizeBytes, 0);
+        await this.put(key, bytes);
+        options.onProgress?.(sizeBytes, sizeBytes);
+        return sizeBytes;
+      }
+      await this.#putMultipart(key, fd, sizeBytes, options);
+      return sizeBytes;
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  async #putMultipart(
+    key: string,
+    fd: number,
+    sizeBytes: number,
+    options: PutFileOptions,
+  ): Promise<void> {
+    const partBytes = Math.max(this.#partBytes, Math.ceil(sizeBytes / PARTS_MAX));
+    let uploadId: string | undefined;
+    try {
+      const created = await this.#client.send(
+        new CreateMultipartUploadCommand({ Bucket: this.bucket, Key: key }),
+      );
+      uploadId = created.UploadId;
+      assert(uploadId !== undefined, "CreateMultipartUpload returned no UploadId");
+      // One buffer for every part: parts go up one at a time, so memory stays at one part.
+      const buffer = new Uint8Array(partBytes);
+      const parts: { ETag: string | undefined; PartNumber: number }[] = [];
+      for (let offset = 0, number = 1; offset < sizeBytes; offset += partBytes, number++) {
+        const length = Math.min(partBytes, sizeBytes - offset);
+        readFully(fd, buffer, length, offset);
+        const part = await this.#client.send(
+          new UploadPartCommand({
+            Bucket: this.bucket,
+            Key: key,
+            UploadId: uploadId,
+            PartNumber: number,
+            Body: buffer.subarray(0, length),
+          }),
+        );
+        parts.push({ ETag: part.ETag, PartNumber: number });
+        options.onProgress?.(offset + length, sizeBytes);
+      }
+      await this.#client.send(
+        new CompleteMultipartUploadCommand({
+          Bucket: this.bucket,
+          Key: key,
+          UploadId: uploadId,
+          MultipartUpload: { Parts: parts },
+        }),
+      );
+    } catch (error) {
+      if (uploadId !== undefined) {
+        await this.#client.send(
+          new AbortMultipartUploadCommand({ Bucket: this.bucket, Key: key, UploadId: uploadId }),
+        ).catch(() => {/* the store expires abandoned uploads */});
+      }
+      throw this.#error("upload", this.describe(key), error);
+    }
+  }
+
+  async get(key: string, range?: ByteRange): Promise<Uint8Array | undefined> {
+    try {
+      const reply = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: rangeHeader(range) }),
+      );
+      assert(reply.Body !== undefined, "GetObject returned no body");
+      return await reply.Body.transformToByteArray();
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw this.#error("download", this.describe(key), error);
+    }
+  }
+
+  async getToFile(key: string, path: string): Promise<number | undefined> {
+    const fd = fs.openSync(path, "w");
+    try {
+      let reply;
+      try {
+        reply = await this.#client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key }));
+      } catch (error) {
+        if (isNotFound(error)) return undefined;
+        throw error;
+      }
+      assert(reply.Body !== undefined, "GetObject returned no body");
+      let position = 0;
+      for await (const chunk of reply.Body as AsyncIterable<Uint8Array>) {
+        // Runs of zeroes stay holes, as they are in the logdir the object came from.
+        if (!isAllZero(chunk)) fs.writeSync(fd, chunk, 0, chunk.length, position);
+        position += chunk.length;
+      }
+      fs.ftruncateSync(fd, position);
+      return position;
+    } catch (error) {
+      throw this.#error("download", this.describe(key), error);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  async head(key: string): Promise<ObjectInfo | undefined> {
+    try {
+      const reply = await this.#client.send(
+        new HeadObjectCommand({ Bucket: this.bucket, Key: key }),
+      );
+      return { key, sizeBytes: reply.ContentLength ?? 0 };
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw this.#error("look up", this.describe(key), error);
+    }
+  }
+
+  async *list(prefix: string): AsyncGenerator<ObjectInfo> {
+    let token: string | undefined;
+    do {
+      let reply;
+      try {
+        reply = await this.#client.send(
+          new ListObjectsV2Command({
+            Bucket: this.bucket,
+            Prefix: prefix,
+            ContinuationToken: token,
+          }),
+        );
+      } catch (error) {
+        throw this.#error("list", this.describe(prefix), error);
+      }
+      for (const item of reply.Contents ?? []) {
+        if (item.Key !== undefined) yield { key: item.Key, sizeBytes: item.Size ?? 0 };
+      }
+      token = reply.IsTruncated === true ? reply.NextContinuationToken : undefined;
+    } while (token !== undefined);
+  }
+
+  async delete(key: string): Promise<void> {
+    try {
+      await this.#client.send(new DeleteObjectCommand({ Bucket: this.bucket, Key: key }));
+    } catch (error) {
+      if (isNotFound(error)) return;
+      throw this.#error("delete", this.describe(key), error);
+    }
+  }
+
+  /** Closes the client's connections. */
+  close(): void {
+    this.#client.destroy();
+  }
+
+  #error(action: string, what: string, error: unknown): Error {
+    if (error instanceof StoreError || error instanceof UsageError) return error;
+    const { reason, transient } = describeFailure(error, this.bucket, this.endpoint);
+    return new StoreError(`Cannot ${action} ${what}: ${reason}`, { transient, cause: error });
+  }
+}
+
+function envValue(name: string): string | undefined {
+  const value = Deno.env.get(name);
+  return value === undefined || value === "" ? undefined : value;
+}
+
+function rangeHeader(range: ByteRange | undefined): string | undefined {
+  if (range === undefined) return undefined;
+  assert(range.lengthBytes >= 1, "empty range");
+  return `bytes=${range.offsetBytes}-${range.offsetBytes + range.lengthBytes - 1}`;
+}
+
+function isAllZero(bytes: Uint8Array): boolean {
+  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return true;
+}
+
+interface SdkFailure {
+  name?: string;
+  code?: string;
+  message?: string;
+  $metadata?: { httpStatusCode?: number };
+  $fault?: string;
+}
+
+function statusOf(error: unknown): number | undefined {
+  return (error as SdkFailure | undefined)?.$metadata?.httpStatusCode;
+}
+
+function isNotFound(error: unknown): boolean {
+  const name = (error as SdkFailure | undefined)?.name;
+  return name === "NoSuchKey" || name === "NotFound" || statusOf(error) === 404;
+}
+
+const NETWORK_CODES = new Set([
+  "ECONNREFUSED",
+  "ECONNRESET",
+  "EPIPE",
+  "ETIMEDOUT",
+  "EHOSTUNREACH",
+  "ENETUNREACH",
+  "ENOTFOUND",
+  "EAI_AGAIN",
+]);
+
+/** Turns an SDK or network error into one line of reason, and whether retrying may help. */
+function describeFailure(
+  error: unknown,
+  bucket: string,
+  endpoint: string,
+): { reason: string; transient: boolean } {
+  const failure = (error ?? {}) as SdkFailure;
+  const status = statusOf(error);
+  // A HEAD has no body, so the SDK cannot name the error: name it by its status.
+  const name = failure.name === undefined || failure.name === "Unknown"
+    ? (status === undefined ? "Error" : `HTTP ${status}`)
+    : failure.name;
+  const message = oneLine(failure.message ?? String(error));
+  const code = failure.code ?? /\b(E[A-Z]{3,})\b/.exec(message)?.[1];
+  if (name === "NoSuchBucket" || (name === "NotFound" && status === 404)) {
+    return { reason: `bucket ${bucket} does not exist at ${endpoint}`, transient: false };
+  }
+  if (
+    status === 403 || name === "InvalidAccessKeyId" || name === "SignatureDoesNotMatch" ||
+    name === "AccessDenied"
+  ) {
+    return {
+      reason: `access denied by ${endpoint} (${name}): check the credentials ` +
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or the profile)",
+      transient: false,
+    };
+  }
+  if (name === "CredentialsProviderError") {
+    return {
+      reason: `no credentials (${message}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY`,
+      transient: false,
+    };
+  }
+  if (code !== undefined && NETWORK_CODES.has(code)) {
+    return { reason: `cannot reach ${endpoint} (${code})`, transient: true };
+  }
+  if (name === "TimeoutError" || name === "RequestTimeout" || /timed? ?out/i.test(message)) {
+    return { reason: `${endpoint} timed out (${message})`, transient: true };
+  }
+  const transient = status === undefined || status >= 500 || status === 429;
+  return {
+    reason: `${name}${
+      status === undefined || name.startsWith("HTTP") ? "" : ` (HTTP ${status})`
+    }: ${message}`,
+    transient,
+  };
+}
+
+function oneLine(text: string): string {
+  return text.replace(/\s+/g, " ").trim().slice(0, 300);
+}
