@@ -287,7 +287,7 @@ async function openOutput(
   let open = true;
   return {
     fd,
-    copyTarget: fdTarget(fd, true, { writeBehind: true }),
+    copyTarget: fdTarget(fd, true),
     commit: async () => {
       fs.closeSync(fd);
       open = false;
@@ -317,7 +317,7 @@ async function openBlockDeviceOutput(output: string, deviceBytes: number): Promi
   let open = true;
   return {
     fd,
-    copyTarget: fdTarget(fd, false, { writeBehind: true }),
+    copyTarget: fdTarget(fd, false),
     commit: () => {
       fs.closeSync(fd);
       open = false;

@@ -7,7 +7,6 @@
 import { crc32c, crc32cCombine, crc32cOfZeros } from "./checksum.ts";
 import type { Extent } from "./data_extents.ts";
 import type { Device } from "./device.ts";
-import * as fs from "node:fs";
 import { readFully, writeFully } from "./format/segment.ts";
 
 /** Bytes read per step of a copy (large reads are several times faster on a cold cache). */
@@ -37,11 +36,6 @@ export interface CopyTarget {
   /** A regular file whose unwritten ranges already read as zeroes (fresh and truncated). */
   holesAreZero: boolean;
   write(offsetBytes: number, data: Uint8Array): void;
-  /**
-   * The same write on a worker thread. When present, {@linkcode copyImage} reads and checksums
-   * the next chunk while this chunk is written; writes are issued one at a time, in order.
-   */
-  writeAsync?(offsetBytes: number, data: Uint8Array): Promise<void>;
 }
 
 /** Result of {@linkcode copyImage}. */
@@ -73,11 +67,7 @@ export async function copyImage(
   target: CopyTarget,
   options: CopyOptions = {},
 ): Promise<CopyResult> {
-  // With an asynchronous target two buffers alternate: one is being written while the other is
-  // read and checksummed. Both are allocated up front.
-  const buffers = [new Uint8Array(COPY_CHUNK_BYTES)];
-  if (target.writeAsync !== undefined) buffers.push(new Uint8Array(COPY_CHUNK_BYTES));
-  const writesOf: Promise<number>[] = buffers.map(() => Promise.resolve(0));
+  const chunk = new Uint8Array(COPY_CHUNK_BYTES);
   const sizeBytes = source.sizeBytes;
   const extents = options.extents ?? [{ offsetBytes: 0, lengthBytes: sizeBytes }];
   let crc = 0;
@@ -91,73 +81,24 @@ export async function copyImage(
     position = endBytes;
     options.onProgress?.(position, sizeBytes);
   };
-  try {
-    for (const extent of extents) {
-      const start = Math.max(extent.offsetBytes, position);
-      const end = Math.min(extent.offsetBytes + extent.lengthBytes, sizeBytes);
-      if (start >= end) continue;
-      if (start > position) hole(start);
-      while (position < end) {
-        const slot = chunks % buffers.length;
-        dataBytes += await writesOf[slot]; // The buffer is free once its last writes are done.
-        writesOf[slot] = Promise.resolve(0);
-        const bytes = buffers[slot].subarray(0, Math.min(COPY_CHUNK_BYTES, end - position));
-        source.readInto(position, bytes);
-        crc = crc32cCombine(crc, crc32c(bytes), bytes.length);
-        const runs = nonZeroRuns(bytes, target.holesAreZero);
-        if (target.writeAsync === undefined) {
-          dataBytes += writeRunsSync(target, bytes, position, runs);
-        } else {
-          const previous = writesOf[(slot + buffers.length - 1) % buffers.length];
-          const writes = writeRunsAfter(previous, target.writeAsync, bytes, position, runs);
-          writes.catch(() => {}); // Reported when awaited; not an unhandled rejection meanwhile.
-          writesOf[slot] = writes;
-        }
-        position += bytes.length;
-        options.onProgress?.(position, sizeBytes);
-        // Let timers and signals run between chunks of a long copy.
-        if (++chunks % YIELD_EVERY_CHUNKS === 0) await new Promise((r) => setTimeout(r, 0));
-      }
+  for (const extent of extents) {
+    const start = Math.max(extent.offsetBytes, position);
+    const end = Math.min(extent.offsetBytes + extent.lengthBytes, sizeBytes);
+    if (start >= end) continue;
+    if (start > position) hole(start);
+    while (position < end) {
+      const bytes = chunk.subarray(0, Math.min(COPY_CHUNK_BYTES, end - position));
+      source.readInto(position, bytes);
+      crc = crc32cCombine(crc, crc32c(bytes), bytes.length);
+      dataBytes += writeNonZeroRuns(bytes, position, target);
+      position += bytes.length;
+      options.onProgress?.(position, sizeBytes);
+      // Let timers and signals run between chunks of a long copy.
+      if (++chunks % YIELD_EVERY_CHUNKS === 0) await new Promise((r) => setTimeout(r, 0));
     }
-    if (position < sizeBytes) hole(sizeBytes);
-    for (const writes of writesOf) dataBytes += await writes;
-  } finally {
-    // Never leave a write running on a descriptor the caller may close after an error.
-    await Promise.allSettled(writesOf);
   }
+  if (position < sizeBytes) hole(sizeBytes);
   return { dataBytes, crc32c: crc.toString(16).padStart(8, "0") };
-}
-
-/** Writes `runs` (pairs of start, end within `bytes`) synchronously; returns the bytes written. */
-function writeRunsSync(
-  target: CopyTarget,
-  bytes: Uint8Array,
-  offsetBytes: number,
-  runs: number[],
-): number {
-  let written = 0;
-  for (let i = 0; i < runs.length; i += 2) {
-    target.write(offsetBytes + runs[i], bytes.subarray(runs[i], runs[i + 1]));
-    written += runs[i + 1] - runs[i];
-  }
-  return written;
-}
-
-/** Writes `runs` once `previous` is done, so writes reach the target in copy order. */
-async function writeRunsAfter(
-  previous: Promise<number>,
-  writeAsync: NonNullable<CopyTarget["writeAsync"]>,
-  bytes: Uint8Array,
-  offsetBytes: number,
-  runs: number[],
-): Promise<number> {
-  await previous.catch(() => 0); // Its failure is reported by its own await.
-  let written = 0;
-  for (let i = 0; i < runs.length; i += 2) {
-    await writeAsync(offsetBytes + runs[i], bytes.subarray(runs[i], runs[i + 1]));
-    written += runs[i + 1] - runs[i];
-  }
-  return written;
 }
 
 function writeZeroRange(target: CopyTarget, offsetBytes: number, lengthBytes: number): void {
@@ -170,39 +111,27 @@ function writeZeroRange(target: CopyTarget, offsetBytes: number, lengthBytes: nu
   }
 }
 
-/**
- * Returns the runs of non-zero blocks of `bytes` as flat (start, end) pairs: all of it when holes
- * are not zero. Scans 32-bit words of one view over the buffer, so a block of data costs one
- * comparison and nothing is allocated per block.
- */
-function nonZeroRuns(bytes: Uint8Array, holesAreZero: boolean): number[] {
-  if (!holesAreZero) return bytes.length === 0 ? [] : [0, bytes.length];
-  const aligned = bytes.byteOffset % 4 === 0;
-  const words = new Uint32Array(
-    bytes.buffer,
-    bytes.byteOffset,
-    aligned ? Math.floor(bytes.length / 4) : 0,
-  );
-  const runs: number[] = [];
+/** Writes the runs of non-zero blocks of `bytes` (all of it when holes are not zero). */
+function writeNonZeroRuns(bytes: Uint8Array, offsetBytes: number, target: CopyTarget): number {
+  if (!target.holesAreZero) {
+    target.write(offsetBytes, bytes);
+    return bytes.length;
+  }
+  let written = 0;
   let runStart = -1;
-  for (let block = 0; block < bytes.length; block += HOLE_BLOCK_BYTES) {
+  // One step past the last block, even a partial one, so that a run reaching the end is written.
+  for (let block = 0; block < bytes.length + HOLE_BLOCK_BYTES; block += HOLE_BLOCK_BYTES) {
+    const runEnd = Math.min(block, bytes.length);
     const end = Math.min(block + HOLE_BLOCK_BYTES, bytes.length);
-    const zero = aligned && end - block === HOLE_BLOCK_BYTES
-      ? wordsAreZero(words, block / 4, end / 4)
-      : isAllZero(bytes.subarray(block, end));
+    const zero = block >= bytes.length || isAllZero(bytes.subarray(block, end));
     if (!zero && runStart < 0) runStart = block;
     if (zero && runStart >= 0) {
-      runs.push(runStart, block);
+      target.write(offsetBytes + runStart, bytes.subarray(runStart, runEnd));
+      written += runEnd - runStart;
       runStart = -1;
     }
   }
-  if (runStart >= 0) runs.push(runStart, bytes.length);
-  return runs;
-}
-
-function wordsAreZero(words: Uint32Array, from: number, to: number): boolean {
-  for (let i = from; i < to; i++) if (words[i] !== 0) return false;
-  return true;
+  return written;
 }
 
 /** A copy source over a raw file descriptor. */
@@ -210,50 +139,9 @@ export function fdSource(fd: number, sizeBytes: number): CopySource {
   return { sizeBytes, readInto: (offset, target) => readFully(fd, target, target.length, offset) };
 }
 
-/** Options of {@linkcode fdTarget}. */
-export interface FdTargetOptions {
-  /**
-   * Write on a worker thread, overlapping the next chunk's read and checksum. (Starting the
-   * writeback of each chunk at once with sync_file_range was measured too: the disk's writes
-   * then slowed its reads, and the restore was no faster.)
-   */
-  writeBehind?: boolean;
-}
-
 /** A copy target over a raw file descriptor. */
-export function fdTarget(
-  fd: number,
-  holesAreZero: boolean,
-  options: FdTargetOptions = {},
-): CopyTarget {
-  const write = (offset: number, data: Uint8Array) => writeFully(fd, data, data.length, offset);
-  if (options.writeBehind !== true) return { holesAreZero, write };
-  return {
-    holesAreZero,
-    write,
-    writeAsync: (offset, data) => pwriteFully(fd, data, offset),
-  };
-}
-
-/** Writes all of `data` at `offsetBytes` on libuv's thread pool, looping over short writes. */
-export async function pwriteFully(
-  fd: number,
-  data: Uint8Array,
-  offsetBytes: number,
-): Promise<void> {
-  let done = 0;
-  while (done < data.length) {
-    done += await new Promise<number>((resolve, reject) =>
-      fs.write(
-        fd,
-        data,
-        done,
-        data.length - done,
-        offsetBytes + done,
-        (error, written) => error ? reject(error) : resolve(written),
-      )
-    );
-  }
+export function fdTarget(fd: number, holesAreZero: boolean): CopyTarget {
+  return { holesAreZero, write: (offset, data) => writeFully(fd, data, data.length, offset) };
 }
 
 /** A copy source over an open device. */
