@@ -18,10 +18,30 @@ export const HOLE_BLOCK_BYTES = 4096;
 
 /** Returns true when every byte of `bytes` is zero. */
 export function isAllZero(bytes: Uint8Array): boolean {
-  const words = bytes.byteOffset % 8 === 0 ? Math.floor(bytes.length / 8) : 0;
-  const view = new BigUint64Array(bytes.buffer, bytes.byteOffset, words);
-  for (let i = 0; i < words; i++) if (view[i] !== 0n) return false;
-  for (let i = words * 8; i < bytes.length; i++) if (bytes[i] !== 0) return false;
+  return rangeIsZero(bytes, wordsOf(bytes), 0, bytes.length);
+}
+
+/** An Int32Array view of `bytes` when it is 4-byte aligned (word compares allocate nothing). */
+function wordsOf(bytes: Uint8Array): Int32Array | undefined {
+  return bytes.byteOffset % 4 === 0
+    ? new Int32Array(bytes.buffer, bytes.byteOffset, bytes.length >>> 2)
+    : undefined;
+}
+
+/** True when `bytes[start, end)` are all zero; `words` is {@linkcode wordsOf}(bytes). */
+function rangeIsZero(
+  bytes: Uint8Array,
+  words: Int32Array | undefined,
+  start: number,
+  end: number,
+): boolean {
+  let i = start;
+  if (words !== undefined && start % 4 === 0) {
+    const wordEnd = end >>> 2;
+    for (let w = start >>> 2; w < wordEnd; w++) if (words[w] !== 0) return false;
+    i = wordEnd << 2;
+  }
+  for (; i < end; i++) if (bytes[i] !== 0) return false;
   return true;
 }
 
@@ -119,11 +139,12 @@ function writeNonZeroRuns(bytes: Uint8Array, offsetBytes: number, target: CopyTa
   }
   let written = 0;
   let runStart = -1;
+  const words = wordsOf(bytes);
   // One step past the last block, even a partial one, so that a run reaching the end is written.
   for (let block = 0; block < bytes.length + HOLE_BLOCK_BYTES; block += HOLE_BLOCK_BYTES) {
     const runEnd = Math.min(block, bytes.length);
     const end = Math.min(block + HOLE_BLOCK_BYTES, bytes.length);
-    const zero = block >= bytes.length || isAllZero(bytes.subarray(block, end));
+    const zero = block >= bytes.length || rangeIsZero(bytes, words, block, end);
     if (!zero && runStart < 0) runStart = block;
     if (zero && runStart >= 0) {
       target.write(offsetBytes + runStart, bytes.subarray(runStart, runEnd));

@@ -22,6 +22,7 @@ import {
 import { assert } from "../_assert.ts";
 import { UsageError } from "../errors.ts";
 import { readFully } from "../format/segment.ts";
+import { isAllZero } from "../sparse_copy.ts";
 import {
   type ByteRange,
   type ObjectInfo,
@@ -305,11 +306,6 @@ function rangeHeader(range: ByteRange | undefined): string | undefined {
   if (range === undefined) return undefined;
   assert(range.lengthBytes >= 1, "empty range");
   return `bytes=${range.offsetBytes}-${range.offsetBytes + range.lengthBytes - 1}`;
-}
-
-function isAllZero(bytes: Uint8Array): boolean {
-  for (let i = 0; i < bytes.length; i++) if (bytes[i] !== 0) return false;
-  return true;
 }
 
 interface SdkFailure {
