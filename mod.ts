@@ -45,6 +45,7 @@ export * from "./lib/ship/receiver.ts";
 export * from "./lib/ship/sender.ts";
 export * from "./lib/ship/wire.ts";
 export * from "./lib/snapshot.ts";
+export * from "./lib/stale_socket.ts";
 export * from "./lib/sparse_copy.ts";
 export * from "./lib/store/object_store.ts";
 export * from "./lib/store/s3_store.ts";

@@ -27,8 +27,10 @@ import { crc32c, crc32cCombine } from "./checksum.ts";
 import { requestSeal } from "./control.ts";
 import { BusyError, IntegrityError, UsageError } from "./errors.ts";
 import {
+  checkEntryInDevice,
   type Extent,
   ExtentMap,
+  extentOfEntry,
   LEVEL_WRITE_BYTES_MAX,
   levelRuns,
   measureLevel,
@@ -708,31 +710,9 @@ function foldEntry(
     return;
   }
   if (!isChange(header)) return;
-  checkInDevice(header, manifest, result.sourcePaths[sourceIndex], fileOffsetBytes);
-  result.map.set(extentOf(header, fileOffsetBytes, sourceIndex));
+  checkEntryInDevice(header, manifest, result.sourcePaths[sourceIndex], fileOffsetBytes);
+  result.map.set(extentOfEntry(header, fileOffsetBytes, sourceIndex));
   if (header.kind === "write") result.checksums[sourceIndex].add(fileOffsetBytes, header);
-}
-
-function extentOf(header: EntryHeader, fileOffsetBytes: number, sourceIndex: number): Extent {
-  const isData = header.kind === "write";
-  return {
-    offsetBytes: header.offsetBytes,
-    lengthBytes: header.lengthBytes,
-    kind: isData ? "data" : "zero",
-    timeUs: header.timeUs,
-    sourceIndex,
-    entryOffsetBytes: fileOffsetBytes,
-    sourceOffsetBytes: isData ? fileOffsetBytes + ENTRY_HEADER_BYTES : 0,
-  };
-}
-
-function checkInDevice(header: EntryHeader, manifest: Manifest, path: string, offset: number) {
-  if (header.offsetBytes + header.lengthBytes > manifest.deviceBytes) {
-    throw new IntegrityError(
-      `Entry in ${path} at offset ${offset} writes ${header.lengthBytes} bytes at ${header.offsetBytes}, past the end of the ${manifest.deviceBytes}-byte device`,
-      { path, offsetBytes: offset },
-    );
-  }
 }
 
 function foldLevel(
@@ -749,7 +729,7 @@ function foldLevel(
         { path, offsetBytes: fileOffsetBytes },
       );
     }
-    map.set(extentOf(header, fileOffsetBytes, sourceIndex));
+    map.set(extentOfEntry(header, fileOffsetBytes, sourceIndex));
     if (header.kind === "write") level.checksums.add(fileOffsetBytes, header);
   }
   if (entries !== info.entries) {

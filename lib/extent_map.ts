@@ -10,7 +10,9 @@
  * @module
  */
 import { assert } from "./_assert.ts";
-import { ENTRY_HEADER_BYTES } from "./format/entry.ts";
+import { IntegrityError } from "./errors.ts";
+import { ENTRY_HEADER_BYTES, type EntryHeader } from "./format/entry.ts";
+import type { Manifest } from "./format/manifest.ts";
 
 /** Size of one bucket of the map; no extent crosses a bucket boundary. */
 export const EXTENT_BUCKET_BYTES = 1024 * 1024;
@@ -334,4 +336,37 @@ export function measureLevel(map: ExtentMap): { sizeBytes: number; entries: numb
     sizeBytes += ENTRY_HEADER_BYTES + (run.kind === "data" ? run.lengthBytes : 0);
   }
   return { sizeBytes, entries };
+}
+
+/** The extent an entry (at `fileOffsetBytes` of source `sourceIndex`) leaves on the device. */
+export function extentOfEntry(
+  header: EntryHeader,
+  fileOffsetBytes: number,
+  sourceIndex: number,
+): Extent {
+  const isData = header.kind === "write";
+  return {
+    offsetBytes: header.offsetBytes,
+    lengthBytes: header.lengthBytes,
+    kind: isData ? "data" : "zero",
+    timeUs: header.timeUs,
+    sourceIndex,
+    entryOffsetBytes: fileOffsetBytes,
+    sourceOffsetBytes: isData ? fileOffsetBytes + ENTRY_HEADER_BYTES : 0,
+  };
+}
+
+/** Refuses an entry that reaches past the device: corruption, never applied. */
+export function checkEntryInDevice(
+  header: EntryHeader,
+  manifest: Manifest,
+  path: string,
+  offset: number,
+): void {
+  if (header.offsetBytes + header.lengthBytes > manifest.deviceBytes) {
+    throw new IntegrityError(
+      `Entry in ${path} at offset ${offset} writes ${header.lengthBytes} bytes at ${header.offsetBytes}, past the end of the ${manifest.deviceBytes}-byte device`,
+      { path, offsetBytes: offset },
+    );
+  }
 }

@@ -20,7 +20,7 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "./_assert.ts";
 import { IntegrityError, UsageError } from "./errors.ts";
-import { type Extent, ExtentMap } from "./extent_map.ts";
+import { checkEntryInDevice, type Extent, ExtentMap, extentOfEntry } from "./extent_map.ts";
 import {
   decodeEntryHeader,
   ENTRY_HEADER_BYTES,
@@ -472,9 +472,9 @@ async function foldLevels(
       headersOnly: true,
     });
     for await (const { header, fileOffsetBytes } of scanner.entries()) {
-      checkInDevice(header, manifest, path, fileOffsetBytes);
+      checkEntryInDevice(header, manifest, path, fileOffsetBytes);
       if (header.kind === "write" || header.kind === "zero") {
-        map.set(extentOf(header, fileOffsetBytes, sourceIndex));
+        map.set(extentOfEntry(header, fileOffsetBytes, sourceIndex));
       }
     }
   }
@@ -500,8 +500,8 @@ async function foldEntries(
     if (header.seq > point.targetSeq) break;
     indexed++;
     if (header.kind !== "write" && header.kind !== "zero" && header.kind !== "trim") continue;
-    checkInDevice(header, manifest, entry.segmentPath, fileOffsetBytes);
-    map.set(extentOf(header, fileOffsetBytes, sources.indexOf(entry.segmentPath)));
+    checkEntryInDevice(header, manifest, entry.segmentPath, fileOffsetBytes);
+    map.set(extentOfEntry(header, fileOffsetBytes, sources.indexOf(entry.segmentPath)));
   }
   if (indexed < point.targetSeq - fromSeq + 1) {
     throw new IntegrityError(
@@ -511,28 +511,6 @@ async function foldEntries(
     );
   }
   return indexed;
-}
-
-function extentOf(header: EntryHeader, fileOffsetBytes: number, sourceIndex: number): Extent {
-  const isData = header.kind === "write";
-  return {
-    offsetBytes: header.offsetBytes,
-    lengthBytes: header.lengthBytes,
-    kind: isData ? "data" : "zero",
-    timeUs: header.timeUs,
-    sourceIndex,
-    entryOffsetBytes: fileOffsetBytes,
-    sourceOffsetBytes: isData ? fileOffsetBytes + ENTRY_HEADER_BYTES : 0,
-  };
-}
-
-function checkInDevice(header: EntryHeader, manifest: Manifest, path: string, offset: number) {
-  if (header.offsetBytes + header.lengthBytes > manifest.deviceBytes) {
-    throw new IntegrityError(
-      `Entry in ${path} at offset ${offset} covers ${header.lengthBytes} bytes at ${header.offsetBytes}, past the end of the ${manifest.deviceBytes}-byte device`,
-      { path, offsetBytes: offset },
-    );
-  }
 }
 
 /**

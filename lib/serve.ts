@@ -6,10 +6,10 @@
  *
  * @module
  */
-import { UsageError } from "./errors.ts";
 import { type NbdListenOptions, type NbdLogger, NbdServer } from "./nbd/server.ts";
 import { OverlayBackend } from "./overlay.ts";
 import { PastView, type PastViewOptions } from "./past_view.ts";
+import { removeStaleSocket } from "./stale_socket.ts";
 import { formatTimeUtc } from "./time.ts";
 
 /** Options of {@linkcode startServe}. */
@@ -90,32 +90,4 @@ export async function startServe(logdir: string, options: ServeOptions): Promise
       return stopping;
     },
   };
-}
-
-/**
- * Removes a unix socket file left behind by a server that died, as `watch` does; refuses a path
- * that is not a socket or where a server still answers.
- */
-async function removeStaleSocket(path: string): Promise<void> {
-  let stat: Deno.FileInfo;
-  try {
-    stat = await Deno.lstat(path);
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) return;
-    throw error;
-  }
-  if (stat.isSocket !== true) {
-    throw new UsageError(`Cannot listen on ${path}: it exists and is not a socket`);
-  }
-  try {
-    const conn = await Deno.connect({ transport: "unix", path });
-    conn.close();
-  } catch (error) {
-    if (!(error instanceof Deno.errors.ConnectionRefused)) throw error;
-    await Deno.remove(path);
-    return;
-  }
-  throw new UsageError(`Cannot listen on ${path}: another server is listening there`, {
-    hint: "stop that server or choose another --socket path",
-  });
 }
