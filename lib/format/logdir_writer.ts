@@ -9,7 +9,7 @@ import { assert } from "../_assert.ts";
 import { IntegrityError } from "../errors.ts";
 import { GroupSync } from "../group_sync.ts";
 import { nowUs } from "../time.ts";
-import { type EntryHeader, type EntryKind, makeEntryHeader } from "./entry.ts";
+import { ENTRY_HEADER_BYTES, type EntryHeader, type EntryKind, makeEntryHeader } from "./entry.ts";
 import {
   LogdirLock,
   readManifest,
@@ -340,6 +340,53 @@ export class LogdirWriter {
     this.#append(header, payload);
   }
 
+  /**
+   * Appends a run of entries that already have their seq and time, given as their encoded bytes
+   * (header and payload, back to back, exactly the on-disk format) and their decoded headers, in
+   * one write per segment they land in. Seq and time rules are those of
+   * {@linkcode appendExisting}, checked for every entry before anything is written. Segments fill
+   * and seal as with one append per entry. Returns how many entries it appended: fewer than all
+   * when the run fills the live segment while an earlier seal still runs; the caller then awaits
+   * {@linkcode ready} and calls again with the rest.
+   */
+  appendExistingRun(bytes: Uint8Array, headers: readonly EntryHeader[]): number {
+    let expectedSeq = this.#nextSeq;
+    let previousUs = this.#lastTimeUs;
+    let entryBytesTotal = 0;
+    for (const header of headers) {
+      if (header.seq !== expectedSeq || header.timeUs < previousUs) {
+        throw new IntegrityError(
+          `Cannot append entry seq ${header.seq} at ${header.timeUs} µs to ${this.logdir}: expected seq ${expectedSeq} at or after ${previousUs} µs`,
+        );
+      }
+      expectedSeq++;
+      previousUs = header.timeUs;
+      entryBytesTotal += ENTRY_HEADER_BYTES + header.payloadBytes;
+    }
+    assert(bytes.length === entryBytesTotal, "run bytes differ from the sum of its entries");
+    const segmentBytesMax = this.#options.segmentBytesMax ?? SEGMENT_BYTES_MAX;
+    let appended = 0;
+    let position = 0;
+    while (appended < headers.length && this.canAppend) {
+      this.#beforeAppend();
+      // The same split as one append per entry: the entry that reaches the limit is the last.
+      let sizeBytes = this.#appender.sizeBytes;
+      let end = appended;
+      let endPosition = position;
+      while (end < headers.length && (end === appended || sizeBytes < segmentBytesMax)) {
+        const entryBytes = ENTRY_HEADER_BYTES + headers[end].payloadBytes;
+        sizeBytes += entryBytes;
+        endPosition += entryBytes;
+        end++;
+      }
+      this.#appender.appendRun(bytes.subarray(position, endPosition), endPosition - position);
+      for (let i = appended; i < end; i++) this.#appended(headers[i]);
+      appended = end;
+      position = endPosition;
+    }
+    return appended;
+  }
+
   #beforeAppend(): void {
     assert(!this.#closed, "append after close");
     assert(this.canAppend, "append while a full segment waits for its seal: await ready() first");
@@ -348,6 +395,10 @@ export class LogdirWriter {
 
   #append(header: EntryHeader, payload: Uint8Array | undefined): void {
     this.#appender.append(header, payload);
+    this.#appended(header);
+  }
+
+  #appended(header: EntryHeader): void {
     this.#nextSeq++;
     this.#lastTimeUs = header.timeUs;
     if (this.#live.entries === 0) this.#live.firstUs = header.timeUs;

@@ -307,6 +307,18 @@ export class SegmentAppender {
     this.#sizeBytes = position + ENTRY_HEADER_BYTES + header.payloadBytes;
   }
 
+  /**
+   * Writes `bytes`, entries already encoded exactly as they sit on disk (a run of shipped
+   * entries), at the end of the file in one positional write. The caller has checked every
+   * header and payload; `entryBytesTotal`, the sum of the entries' sizes, guards the framing.
+   */
+  appendRun(bytes: Uint8Array, entryBytesTotal: number): void {
+    assert(!this.#closeRequested, `append to closed segment ${this.path}`);
+    assert(bytes.length === entryBytesTotal, "run length differs from its entries");
+    writeFully(this.#fd, bytes, bytes.length, this.#sizeBytes);
+    this.#sizeBytes += bytes.length;
+  }
+
   /** Waits until everything appended so far is on stable storage. */
   async sync(): Promise<void> {
     assert(!this.#closeRequested, `sync of closed segment ${this.path}`);

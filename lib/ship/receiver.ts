@@ -9,6 +9,7 @@
 import { BusyError, IntegrityError } from "../errors.ts";
 import {
   decodeEntryHeader,
+  encodeEntryHeader,
   ENTRY_FORMAT_VERSION,
   ENTRY_HEADER_BYTES,
   type EntryHeader,
@@ -698,12 +699,18 @@ class Session {
     }
     const body = frame.body;
     const deviceBytes = writer.manifest.deviceBytes;
-    const entries = parseEntries(frame, writer.nextSeq, writer.lastTimeUs, deviceBytes);
-    for (const { header, payload } of entries) {
+    const headers = parseEntries(frame, writer.nextSeq, writer.lastTimeUs, deviceBytes);
+    // The body is the entries exactly as they sit on disk: written in one go, not entry by entry.
+    let appended = 0;
+    let position = 0;
+    while (appended < headers.length) {
       while (!writer.canAppend) await writer.ready();
-      writer.appendExisting(header, payload);
+      const rest = headers.slice(appended);
+      const count = writer.appendExistingRun(body.subarray(position), rest);
+      for (let i = 0; i < count; i++) position += ENTRY_HEADER_BYTES + rest[i].payloadBytes;
+      appended += count;
     }
-    this.#entriesReceived += entries.length;
+    this.#entriesReceived += headers.length;
     this.#bytesReceived += body.length;
   }
 
@@ -781,10 +788,10 @@ function parseEntries(
   nextSeq: number,
   lastTimeUs: number,
   deviceBytes: number,
-): { header: EntryHeader; payload: Uint8Array }[] {
+): EntryHeader[] {
   const body = frame.body;
   const payloadCrc32c = frame.payloadCrc32c;
-  const entries: { header: EntryHeader; payload: Uint8Array }[] = [];
+  const entries: EntryHeader[] = [];
   let position = 0;
   let expectedSeq = nextSeq;
   let previousUs = lastTimeUs;
@@ -812,13 +819,32 @@ function parseEntries(
         `range ${header.offsetBytes}+${header.lengthBytes} is past the ${deviceBytes}-byte device`,
       );
     }
-    entries.push({ header, payload });
+    normalizeReservedBytes(body, position, header);
+    entries.push(header);
     expectedSeq++;
     previousUs = header.timeUs;
     position = end;
   }
   if (entries.length === 0) throw new ProtocolError("Empty ENTRIES frame");
   return entries;
+}
+
+/** Bytes of an entry header between its fields and its checksum: zero as encoded. */
+const HEADER_RESERVED_START = 44;
+const HEADER_RESERVED_END = 60;
+
+/**
+ * Rewrites the header at `position` as it would be encoded when its reserved bytes are not zero
+ * (the checksum covers them, so they decoded cleanly): the stored bytes are then exactly those an
+ * entry-by-entry append would have written.
+ */
+function normalizeReservedBytes(body: Uint8Array, position: number, header: EntryHeader): void {
+  for (let i = position + HEADER_RESERVED_START; i < position + HEADER_RESERVED_END; i++) {
+    if (body[i] !== 0) {
+      encodeEntryHeader(header, body, position);
+      return;
+    }
+  }
 }
 
 function classify(error: unknown): [ErrorCode, ReceiverEventLevel] {
