@@ -5,8 +5,14 @@ import { parseHostPort } from "../lib/address.ts";
 import { loadKeyFile } from "../lib/ship/auth.ts";
 import { type ShipEvent, shipLogdir, type ShipOptions } from "../lib/ship/sender.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { shipToStore } from "../lib/store/store_logdir.ts";
-import { formatTimeUtc } from "../lib/time.ts";
+import {
+  FOLLOW_MAX_LAG_MS_MAX,
+  followToStore,
+  objectKey,
+  shipToStore,
+  type StoreLogdir,
+} from "../lib/store/store_logdir.ts";
+import { formatTimeUtc, parseDuration } from "../lib/time.ts";
 import { parseIntegerOption } from "./_errors.ts";
 import { formatBytes, print, printJson, type Progress, progressBar, say } from "./_output.ts";
 import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
@@ -20,6 +26,7 @@ interface ShipFlags extends S3Flags {
   force?: boolean;
   json?: boolean;
   reportInterval: string;
+  maxLag?: string;
 }
 
 /** Builds the `ship` command. */
@@ -41,11 +48,16 @@ export function shipCommand(): Command {
     .option("--force", "replace the receiver's copy of another logdir under the same host id")
     .option("--json", "print a JSON summary on stdout (with --follow also one line per report)")
     .option("--report-interval <seconds>", "how often --follow reports lag", "10")
+    .option(
+      "--max-lag <duration>",
+      "with --follow to s3://: ship a round at least this often, the RPO (default 2s)",
+    )
     .addHelpText(
       "after",
       "\nExamples:\n  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --key-file /etc/sectorlog/ship.key\n" +
         "  sectorlog ship /var/lib/sectorlog/vm1 backup.example:7420 --follow --tls-ca /etc/sectorlog/ca.pem\n" +
         "  sectorlog ship /var/lib/sectorlog/vm1 s3://backups/vm1 --s3-endpoint http://127.0.0.1:8080\n" +
+        "  sectorlog ship /var/lib/sectorlog/vm1 s3://backups/vm1 --follow --max-lag 2s\n" +
         "\nExit codes: 0 everything acked, 1 network failure, 2 refused (key, host id, identity), 3 corrupt entry, 4 host busy\n",
     )
     .action(async (logdir: string, address: string, flags: ShipFlags) => {
@@ -93,11 +105,10 @@ export function shipCommand(): Command {
     });
 }
 
-/** `ship <logdir> s3://bucket/prefix`: one upload round (no --follow yet). */
+/** `ship <logdir> s3://bucket/prefix`: one upload round, or rounds every --max-lag with --follow. */
 async function shipToS3(logdir: string, url: string, flags: ShipFlags): Promise<void> {
   const unsupported = (
     [
-      ["--follow", flags.follow],
       ["--host-id", flags.hostId],
       ["--key-file", flags.keyFile],
       ["--tls", flags.tls],
@@ -107,10 +118,24 @@ async function shipToS3(logdir: string, url: string, flags: ShipFlags): Promise<
   ).find(([, value]) => value !== undefined);
   if (unsupported !== undefined) {
     throw new UsageError(`Cannot use ${unsupported[0]} when shipping to ${url}`, {
-      hint: "object storage is shipped to one-shot; run ship again (e.g. from cron) to catch up",
+      hint: "object storage takes --follow and --max-lag; identity comes from the logdir",
     });
   }
+  if (flags.maxLag !== undefined && flags.follow !== true) {
+    throw new UsageError("Invalid --max-lag: it only applies with --follow");
+  }
+  const maxLagMs = parseDuration(flags.maxLag ?? "2s") / 1000;
+  if (maxLagMs < 1000 || maxLagMs > FOLLOW_MAX_LAG_MS_MAX) {
+    throw new UsageError(`Invalid --max-lag ${JSON.stringify(flags.maxLag)}: use 1s to 24h`);
+  }
   const target = await openStoreLogdir(url, flags, "<host:port>");
+  if (flags.follow === true) {
+    try {
+      return await followShipToS3(logdir, target, flags, maxLagMs);
+    } finally {
+      target.store.close();
+    }
+  }
   const progress = progressBar("ship", flags.json !== true);
   let result;
   try {
@@ -141,6 +166,49 @@ async function shipToS3(logdir: string, url: string, flags: ShipFlags): Promise<
       result.manifestUploaded ? ", manifest updated" : ", manifest unchanged"
     }, in ${result.durationMs} ms`,
   );
+}
+
+/** Rounds until SIGINT/SIGTERM; each round's lag on stderr (and a JSON line with --json). */
+async function followShipToS3(
+  logdir: string,
+  target: StoreLogdir,
+  flags: ShipFlags,
+  maxLagMs: number,
+): Promise<void> {
+  const controller = new AbortController();
+  const stop = () => controller.abort();
+  Deno.addSignalListener("SIGINT", stop);
+  Deno.addSignalListener("SIGTERM", stop);
+  say(`sectorlog ship: following ${logdir} to ${url(target)} every ${maxLagMs} ms (the RPO)`);
+  try {
+    await followToStore(logdir, target, {
+      maxLagMs,
+      signal: controller.signal,
+      onRetry: ({ error, attempt, delayMs }) =>
+        say(`sectorlog ship: ${error.message}; retrying in ${delayMs} ms (attempt ${attempt})`),
+      onRoundError: (error) =>
+        say(`sectorlog ship: round failed, next round retries: ${error.message}`),
+      onRound: (round) => {
+        if (round.sealNote !== undefined) say(`sectorlog ship: warning: ${round.sealNote}`);
+        if (flags.json === true) print(JSON.stringify({ event: "round", ...round }));
+        else if (round.objectsUploaded > 0) {
+          say(
+            `sectorlog ship: up to seq ${round.lastSeq} in the store (${round.objectsUploaded} objects, ${
+              formatBytes(round.bytesUploaded)
+            }), lag at most ${round.lagMs + maxLagMs} ms`,
+          );
+        }
+      },
+    });
+  } finally {
+    Deno.removeSignalListener("SIGINT", stop);
+    Deno.removeSignalListener("SIGTERM", stop);
+  }
+  say("sectorlog ship: stopped");
+}
+
+function url(target: StoreLogdir): string {
+  return target.store.describe(objectKey(target, "")).replace(/\/$/, "");
 }
 
 async function tlsOptions(flags: ShipFlags): Promise<ShipOptions["tls"]> {

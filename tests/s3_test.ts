@@ -7,6 +7,7 @@ import { join } from "node:path";
 import { restoreAt } from "../lib/restore.ts";
 import {
   MANIFEST_OBJECT,
+  readStoreManifest,
   segmentObjectName,
   shipToStore,
   withLocalCopy,
@@ -31,7 +32,9 @@ import {
   withTempDir,
 } from "./_helpers.ts";
 import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
-import { runCli } from "./_watch_harness.ts";
+import { cliCommand, runCli } from "./_watch_harness.ts";
+import { startWatch } from "../lib/watch.ts";
+import { nextSeqAfterSealed } from "../lib/format/manifest.ts";
 
 const TEST_NAME = "S3 logdirs against a real Swift node";
 
@@ -68,6 +71,10 @@ async function runSteps(t: Deno.TestContext, swift: SwiftNode): Promise<void> {
   await t.step(
     "ship retries while the Swift proxy is down mid-upload, then completes: nothing lost or duplicated",
     () => withTempDir((dir) => proxyDownMidUpload(swift, dir)),
+  );
+  await t.step(
+    "ship --follow --max-lag keeps the store up with a running watch; SIGTERM stops it with exit 0",
+    () => withTempDir((dir) => followKeepsUp(swift, dir)),
   );
   await t.step(
     "ship refuses a prefix that holds another logdir",
@@ -351,4 +358,74 @@ async function exists(path: string): Promise<boolean> {
   } catch {
     return false;
   }
+}
+
+async function followKeepsUp(swift: SwiftNode, dir: string): Promise<void> {
+  const seed = testSeed();
+  const random = new Random(seed);
+  const w = await makeWorkload(dir, random);
+  const url = "s3://sectorlog/hosts/follow";
+  const target = { store: swift.store("sectorlog"), prefix: "hosts/follow" };
+  const watch = await startWatch(w.devicePath, w.logdir, {
+    listen: { path: join(dir, "nbd.sock") },
+  });
+  const [command, args] = cliCommand([
+    "ship",
+    w.logdir,
+    url,
+    "--follow",
+    "--max-lag",
+    "1s",
+    "--json",
+  ]);
+  const child = new Deno.Command(command, {
+    args,
+    env: swift.env,
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  let output: Deno.CommandOutput;
+  try {
+    for (let round = 0; round < 3; round++) {
+      for (let i = 0; i < 20; i++) {
+        const data = new Uint8Array(random.int(1, 16) * 512);
+        random.fill(data);
+        await watch.disk.write(random.int(0, 100) * 512, data);
+      }
+      await watch.disk.flush();
+      const lastSeq = watch.disk.writer!.nextSeq - 1;
+      // Within a few rounds of --max-lag, the store's manifest covers every entry written so far.
+      const deadlineMs = Date.now() + 30_000;
+      for (;;) {
+        const remote = await readStoreManifest(target);
+        if (remote !== undefined && nextSeqAfterSealed(remote) - 1 >= lastSeq) break;
+        assert.ok(Date.now() < deadlineMs, `[seed ${seed}] the store never reached seq ${lastSeq}`);
+        await new Promise((r) => setTimeout(r, 200));
+      }
+    }
+  } finally {
+    child.kill("SIGTERM");
+    output = await child.output();
+    await watch.stop();
+    target.store.close();
+  }
+  const stderr = new TextDecoder().decode(output.stderr);
+  assert.equal(output.code, 0, `[seed ${seed}] ship --follow: ${stderr}`);
+  const rounds = new TextDecoder().decode(output.stdout).trim().split("\n").map((l) =>
+    JSON.parse(l)
+  );
+  assert.ok(
+    rounds.length >= 3 && rounds.every((r) => r.event === "round"),
+    "one JSON line a round",
+  );
+  const fromStore = join(dir, "from-store.img");
+  const restored = await runCli(["restore", url, fromStore], { env: swift.env });
+  assert.equal(restored.code, 0, restored.stderr);
+  const local = join(dir, "local.img");
+  await restoreAt(w.logdir, local);
+  assertBytesEqual(
+    readAll(fromStore),
+    readAll(local),
+    "restore from the store vs the local logdir",
+  );
 }

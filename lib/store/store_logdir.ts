@@ -16,6 +16,7 @@
  * @module
  */
 import { join } from "node:path";
+import { assert } from "../_assert.ts";
 import { COMPACT_LOCK_FILE, sealLiveSegment } from "../compact.ts";
 import { IntegrityError, UsageError } from "../errors.ts";
 import {
@@ -181,6 +182,65 @@ export async function shipToStore(
   } finally {
     lock.release();
   }
+}
+
+/** Options of {@linkcode followToStore}. */
+export interface FollowToStoreOptions extends ShipToStoreOptions {
+  /** The RPO: a round starts at most this long after the previous one started. */
+  maxLagMs: number;
+  /** Ends the loop after the round in progress. */
+  signal: AbortSignal;
+  /** Called after every round; `lagMs` is how old the newest shipped state may be at most. */
+  onRound?: (round: ShipToStoreResult & { round: number; lagMs: number }) => void;
+  /** Called when a round failed transiently (the next round tries again). */
+  onRoundError?: (error: StoreError) => void;
+}
+
+/** Longest `--max-lag`: a bound that is meant to be a recovery point objective. */
+export const FOLLOW_MAX_LAG_MS_MAX = 24 * 60 * 60 * 1000;
+
+/**
+ * `ship --follow` to object storage: a {@linkcode shipToStore} round every `maxLagMs` (sealing
+ * the live segment each time, so what reached the logdir before a round is in the store after
+ * it) until `signal` aborts. A transient store failure skips to the next round; anything else
+ * ends the loop with its error. Returns the last successful round.
+ */
+export async function followToStore(
+  logdir: string,
+  target: StoreLogdir,
+  options: FollowToStoreOptions,
+): Promise<ShipToStoreResult | undefined> {
+  assert(
+    options.maxLagMs > 0 && options.maxLagMs <= FOLLOW_MAX_LAG_MS_MAX,
+    "maxLagMs out of range",
+  );
+  let last: ShipToStoreResult | undefined;
+  for (let round = 1; !options.signal.aborted; round++) {
+    const startedMs = performance.now();
+    try {
+      last = await shipToStore(logdir, target, options);
+      options.onRound?.({ ...last, round, lagMs: Math.round(performance.now() - startedMs) });
+    } catch (error) {
+      if (!(error instanceof StoreError) || !error.transient) throw error;
+      options.onRoundError?.(error);
+    }
+    const waitMs = Math.max(0, options.maxLagMs - (performance.now() - startedMs));
+    await abortableSleep(waitMs, options.signal);
+  }
+  return last;
+}
+
+function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal.aborted) return resolve();
+    const timer = setTimeout(done, ms);
+    signal.addEventListener("abort", done, { once: true });
+    function done() {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", done);
+      resolve();
+    }
+  });
 }
 
 function plannedUploads(logdir: string, manifest: Manifest): Upload[] {
