@@ -2,12 +2,17 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { BusyError, exitCodeFor } from "../lib/errors.ts";
-import { ENTRY_HEADER_BYTES } from "../lib/format/entry.ts";
+import {
+  encodeEntryHeader,
+  ENTRY_HEADER_BYTES,
+  type EntryHeader,
+  makeEntryHeader,
+} from "../lib/format/entry.ts";
 import { LogdirLock, readLogEntries, readManifest, SEGMENTS_DIR } from "../lib/format/logdir.ts";
 import { LogdirWriter } from "../lib/format/logdir_writer.ts";
 import { segmentFileName } from "../lib/format/segment.ts";
 import { takeSnapshot } from "../lib/snapshot.ts";
-import { FakeClock, makeImage, withTempDir } from "./_helpers.ts";
+import { FakeClock, makeImage, withSeed, withTempDir } from "./_helpers.ts";
 
 const WRITE_BYTES = 512;
 const ENTRY_BYTES = ENTRY_HEADER_BYTES + WRITE_BYTES;
@@ -333,3 +338,75 @@ Deno.test({
     });
   },
 });
+
+Deno.test("LogdirWriter.appendExistingRun() writes the same segments as one appendExisting per entry", async () => {
+  await withSeed(async (random) => {
+    await withTempDir(async (dir) => {
+      const clock = new FakeClock();
+      // Entries of random sizes, already encoded as a receiver gets them.
+      const headers: EntryHeader[] = [];
+      const encoded: Uint8Array[] = [];
+      let timeUs = clock.nowUs;
+      for (let seq = 1; seq <= 40; seq++) {
+        timeUs += random.int(0, 2) * 1000;
+        const payload = new Uint8Array(random.int(1, 3000));
+        random.fill(payload);
+        const header = makeEntryHeader(
+          { kind: "write", seq, timeUs, offsetBytes: 0, lengthBytes: payload.length },
+          payload,
+        );
+        const bytes = new Uint8Array(ENTRY_HEADER_BYTES + payload.length);
+        encodeEntryHeader(header, bytes);
+        bytes.set(payload, ENTRY_HEADER_BYTES);
+        headers.push(header);
+        encoded.push(bytes);
+      }
+      const logdirs = [join(dir, "one"), join(dir, "run")];
+      for (const name of ["one", "run"]) {
+        await Deno.mkdir(join(dir, name));
+        await makeLogdir(join(dir, name), new FakeClock(clock.nowUs));
+      }
+      const options = { purpose: "test", segmentBytesMax: 8 * 1024 };
+      const one = await LogdirWriter.open(join(logdirs[0], "log"), options);
+      for (const [i, header] of headers.entries()) {
+        await one.ready();
+        one.appendExisting(header, encoded[i].subarray(ENTRY_HEADER_BYTES));
+      }
+      await one.close({ seal: true });
+      const run = await LogdirWriter.open(join(logdirs[1], "log"), options);
+      // Frames of a few entries each, as receive gets them; a run stops early at a busy seal.
+      for (let at = 0; at < headers.length;) {
+        const count = Math.min(random.int(1, 9), headers.length - at);
+        const frame = concat(encoded.slice(at, at + count));
+        let done = 0;
+        while (done < count) {
+          await run.ready();
+          const offset = encoded.slice(at, at + done).reduce((sum, e) => sum + e.length, 0);
+          done += run.appendExistingRun(
+            frame.subarray(offset),
+            headers.slice(at + done, at + count),
+          );
+        }
+        at += count;
+      }
+      await run.close({ seal: true });
+      const [a, b] = await Promise.all(logdirs.map((d) => readManifest(join(d, "log"))));
+      assert.deepEqual(b.segments, a.segments);
+      for (const segment of a.segments) {
+        const path = (d: string) => join(d, "log", SEGMENTS_DIR, segment.file);
+        assert.deepEqual(fs.readFileSync(path(logdirs[1])), fs.readFileSync(path(logdirs[0])));
+      }
+      assert.ok(a.segments.length > 3, "the runs crossed several seals");
+    });
+  });
+});
+
+function concat(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((sum, p) => sum + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
