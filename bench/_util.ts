@@ -4,6 +4,7 @@
  *
  * @module
  */
+import { LogAssistedDisk } from "../lib/disk.ts";
 
 /** Repository root: benchmarks run the real CLI from here, as a user would. */
 export const REPO_ROOT: string = new URL("..", import.meta.url).pathname.replace(/\/$/, "");
@@ -247,3 +248,56 @@ export function mbPerSecond(bytes: number, ms: number): number {
 
 export const MiB = 1024 * 1024;
 export const GiB = 1024 * MiB;
+
+/** The random-write workload a bench journals through the log-assisted disk. */
+export interface RandomWrites {
+  deviceBytes: number;
+  journalBytes: number;
+  /** Write sizes run from writeBytesMin to writeBytesMax in steps of alignBytes. */
+  writeBytesMin: number;
+  writeBytesMax: number;
+  /** Offsets and size steps are multiples of this. */
+  alignBytes: number;
+  flushEveryWrites: number;
+}
+
+/** Journals `workload.journalBytes` of random writes, then flushes and seals. */
+export async function journalRandomWrites(
+  devicePath: string,
+  logdir: string,
+  prng: Prng,
+  workload: RandomWrites,
+): Promise<{ writes: number; flushes: number; bytes: number; ms: number }> {
+  const { deviceBytes, journalBytes, writeBytesMin, writeBytesMax, alignBytes } = workload;
+  const startedMs = performance.now();
+  const disk = await LogAssistedDisk.open(devicePath, logdir, { purpose: "bench" });
+  let writes = 0;
+  let flushes = 0;
+  let bytes = 0;
+  try {
+    const sizes = (writeBytesMax - writeBytesMin) / alignBytes + 1;
+    while (bytes < journalBytes) {
+      const lengthBytes = Math.min(
+        writeBytesMin + alignBytes * prng.below(sizes),
+        journalBytes - bytes,
+      );
+      const offsetBytes = alignBytes * prng.below((deviceBytes - lengthBytes) / alignBytes + 1);
+      // The disk keeps no reference after write() returns, but NBD hands it a fresh buffer per
+      // request, so do the same here.
+      const data = new Uint8Array(lengthBytes);
+      prng.fill(data);
+      await disk.write(offsetBytes, data);
+      writes++;
+      bytes += lengthBytes;
+      if (writes % workload.flushEveryWrites === 0) {
+        await disk.flush();
+        flushes++;
+      }
+    }
+    await disk.flush();
+    flushes++;
+  } finally {
+    await disk.close({ seal: true });
+  }
+  return { writes, flushes, bytes, ms: performance.now() - startedMs };
+}

@@ -16,13 +16,13 @@
  * @module
  */
 import { join } from "node:path";
-import { LogAssistedDisk } from "../lib/disk.ts";
 import {
   canDropCaches,
   CLI,
   diskScratchDir,
   filesystemOf,
   GiB,
+  journalRandomWrites,
   loadAverage,
   mbPerSecond,
   median,
@@ -103,7 +103,14 @@ async function benchIn(scratch: string): Promise<RestoreBenchResult> {
   await writeBaseImage(devicePath, prng);
   const snapshot = await run([...CLI, "snapshot", devicePath, logdir, "--json"]);
   console.log(`snapshot: ${Math.round(snapshot.wallMs)} ms (CLI wall time, informational)`);
-  const journal = await journalWrites(devicePath, logdir, prng);
+  const journal = await journalRandomWrites(devicePath, logdir, prng, {
+    deviceBytes: DEVICE_BYTES,
+    journalBytes: JOURNAL_BYTES,
+    writeBytesMin: WRITE_BYTES_MIN,
+    writeBytesMax: WRITE_BYTES_MAX,
+    alignBytes: WRITE_BYTES_MIN,
+    flushEveryWrites: FLUSH_EVERY_WRITES,
+  });
   console.log(
     `journal: ${journal.writes} writes, ${journal.flushes} flushes, ${
       (journal.bytes / MiB).toFixed(0)
@@ -277,44 +284,4 @@ async function writeBaseImage(path: string, prng: Prng): Promise<void> {
   } finally {
     file.close();
   }
-}
-
-/** Journals JOURNAL_BYTES of random writes through the log-assisted disk. */
-async function journalWrites(
-  devicePath: string,
-  logdir: string,
-  prng: Prng,
-): Promise<{ writes: number; flushes: number; bytes: number; ms: number }> {
-  const startedMs = performance.now();
-  const disk = await LogAssistedDisk.open(devicePath, logdir, { purpose: "bench" });
-  let writes = 0;
-  let flushes = 0;
-  let bytes = 0;
-  try {
-    const blocks = WRITE_BYTES_MAX / WRITE_BYTES_MIN;
-    while (bytes < JOURNAL_BYTES) {
-      const lengthBytes = Math.min(
-        WRITE_BYTES_MIN * (1 + prng.below(blocks)),
-        JOURNAL_BYTES - bytes,
-      );
-      const offsetBytes = WRITE_BYTES_MIN *
-        prng.below((DEVICE_BYTES - lengthBytes) / WRITE_BYTES_MIN + 1);
-      // The disk keeps no reference after write() returns, but NBD hands it a fresh buffer per
-      // request, so do the same here.
-      const data = new Uint8Array(lengthBytes);
-      prng.fill(data);
-      await disk.write(offsetBytes, data);
-      writes++;
-      bytes += lengthBytes;
-      if (writes % FLUSH_EVERY_WRITES === 0) {
-        await disk.flush();
-        flushes++;
-      }
-    }
-    await disk.flush();
-    flushes++;
-  } finally {
-    await disk.close({ seal: true });
-  }
-  return { writes, flushes, bytes, ms: performance.now() - startedMs };
 }

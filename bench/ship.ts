@@ -25,12 +25,13 @@
  * @module
  */
 import { join } from "node:path";
-import { LogAssistedDisk } from "../lib/disk.ts";
+import { readManifest } from "../lib/format/logdir.ts";
 import {
   CLI,
   diskScratchDir,
   filesystemOf,
   GiB,
+  journalRandomWrites,
   loadAverage,
   mbPerSecond,
   median,
@@ -131,7 +132,7 @@ async function benchIn(scratch: string, shmScratch: string): Promise<ShipBenchRe
   await file.truncate(DEVICE_BYTES);
   file.close();
   await run([...CLI, "snapshot", devicePath, logdir, "--json"]);
-  const journal = await journalWrites(devicePath, logdir, new Prng(SEED));
+  const journal = await journalWritesUpToSeq(devicePath, logdir);
   const segments = await segmentFiles(join(logdir, "segments"));
   const journalBytes = segments.reduce((total, segment) => total + segment.sizeBytes, 0);
   console.log(
@@ -469,42 +470,16 @@ async function diskBandwidth(dir: string): Promise<number> {
   return mbPerSecond(GiB, result.wallMs);
 }
 
-/** Journals JOURNAL_BYTES of random writes through the log-assisted disk. */
-async function journalWrites(
-  devicePath: string,
-  logdir: string,
-  prng: Prng,
-): Promise<{ writes: number; flushes: number; bytes: number; ms: number; lastSeq: number }> {
-  const startedMs = performance.now();
-  const disk = await LogAssistedDisk.open(devicePath, logdir, { purpose: "bench" });
-  let writes = 0;
-  let flushes = 0;
-  let bytes = 0;
-  try {
-    const sizes = (WRITE_BYTES_MAX - WRITE_BYTES_MIN) / WRITE_ALIGN_BYTES + 1;
-    while (bytes < JOURNAL_BYTES) {
-      const lengthBytes = Math.min(
-        WRITE_BYTES_MIN + WRITE_ALIGN_BYTES * prng.below(sizes),
-        JOURNAL_BYTES - bytes,
-      );
-      const offsetBytes = WRITE_ALIGN_BYTES *
-        prng.below((DEVICE_BYTES - lengthBytes) / WRITE_ALIGN_BYTES + 1);
-      const data = new Uint8Array(lengthBytes);
-      prng.fill(data);
-      await disk.write(offsetBytes, data);
-      writes++;
-      bytes += lengthBytes;
-      if (writes % FLUSH_EVERY_WRITES === 0) {
-        await disk.flush();
-        flushes++;
-      }
-    }
-    await disk.flush();
-    flushes++;
-  } finally {
-    await disk.close({ seal: true });
-  }
-  const manifest = JSON.parse(await Deno.readTextFile(join(logdir, "manifest.json")));
-  const lastSeq = (manifest.segments as { lastSeq: number }[]).at(-1)?.lastSeq ?? 0;
-  return { writes, flushes, bytes, ms: performance.now() - startedMs, lastSeq };
+/** Journals the bench's writes and returns their counts with the last seq they reached. */
+async function journalWritesUpToSeq(devicePath: string, logdir: string) {
+  const journal = await journalRandomWrites(devicePath, logdir, new Prng(SEED), {
+    deviceBytes: DEVICE_BYTES,
+    journalBytes: JOURNAL_BYTES,
+    writeBytesMin: WRITE_BYTES_MIN,
+    writeBytesMax: WRITE_BYTES_MAX,
+    alignBytes: WRITE_ALIGN_BYTES,
+    flushEveryWrites: FLUSH_EVERY_WRITES,
+  });
+  const manifest = await readManifest(logdir);
+  return { ...journal, lastSeq: manifest.segments.at(-1)?.lastSeq ?? 0 };
 }
