@@ -9,18 +9,15 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
+import { attachLoop, attachNbdfuse, mount, randomBytes, sha256Hex } from "./_fs_harness.ts";
 import { ServeProcess } from "./_past_fixture.ts";
 import {
-  BackgroundProcess,
   makeSparseImage,
-  run,
   runOk,
   skipReason,
-  sleep,
   snapshot,
   Teardown,
   timeBetweenPhases,
-  waitFor,
   WatchProcess,
   withTempDir,
 } from "./_watch_harness.ts";
@@ -29,73 +26,10 @@ const MiB = 1024 * 1024;
 const DEVICE_BYTES = 64 * MiB;
 const TOOLS = ["nbdfuse", "fusermount3", "losetup", "mkfs.ext4", "mount", "umount", "fsfreeze"];
 
-async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", bytes);
-  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function randomBytes(length: number): Uint8Array<ArrayBuffer> {
-  const bytes = new Uint8Array(length);
-  for (let i = 0; i < length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  return bytes;
-}
-
-/** Unmounts `path`, retrying while it is busy. */
-async function unmount(path: string): Promise<void> {
-  for (let attempt = 0; attempt < 20; attempt++) {
-    const result = await run("umount", [path]);
-    if (result.code === 0) return;
-    if (!/busy/i.test(result.stderr)) throw new Error(`umount ${path}: ${result.stderr}`);
-    await sleep(100);
-  }
-  await runOk("umount", ["-l", path]);
-  throw new Error(`umount ${path} stayed busy; unmounted lazily`);
-}
-
 /**
  * nbdfuse of `socketPath` on `fuseDir` (read-only when asked), waiting for its file of
  * `DEVICE_BYTES`; registers the unmount. Returns the file.
  */
-async function attachNbdfuse(
-  teardown: Teardown,
-  fuseDir: string,
-  socketPath: string,
-  readOnly: boolean,
-): Promise<string> {
-  const args = [...(readOnly ? ["--readonly"] : []), fuseDir, "--unix", socketPath];
-  const nbdfuse = new BackgroundProcess("nbdfuse", args);
-  teardown.add(`nbdfuse ${fuseDir}`, async () => {
-    const unmounted = await run("fusermount3", ["-u", fuseDir]);
-    await waitFor(() => nbdfuse.exited !== undefined, "nbdfuse to exit", 10_000).catch(() => {});
-    await nbdfuse.close();
-    if (unmounted.code !== 0) throw new Error(`fusermount3 -u: ${unmounted.stderr}`);
-  });
-  const file = join(fuseDir, "nbd");
-  await waitFor(async () => {
-    if (nbdfuse.exited !== undefined) {
-      throw new Error(`nbdfuse exited ${nbdfuse.exited.code}: ${nbdfuse.output}`);
-    }
-    try {
-      return (await Deno.stat(file)).size === DEVICE_BYTES;
-    } catch {
-      return false;
-    }
-  }, `nbdfuse to expose ${file}`);
-  return file;
-}
-
-async function attachLoop(teardown: Teardown, file: string, readOnly: boolean): Promise<string> {
-  const args = ["--find", "--show", ...(readOnly ? ["--read-only"] : []), file];
-  const loop = (await runOk("losetup", args)).stdout.trim();
-  assert.match(loop, /^\/dev\/loop\d+$/);
-  teardown.add(`loop ${loop}`, () => runOk("losetup", ["-d", loop]));
-  return loop;
-}
-
-async function mount(teardown: Teardown, source: string, mountDir: string, options?: string) {
-  await runOk("mount", [...(options === undefined ? [] : ["-o", options]), source, mountDir]);
-  teardown.add(`mount ${mountDir}`, () => unmount(mountDir));
-}
 
 /** Serves `logdir` at `at`, mounts it read-only and returns the hashes of files A and B. */
 async function readServed(
@@ -111,7 +45,10 @@ async function readServed(
   try {
     const serve = await ServeProcess.start(logdir, join(dir, "serve.sock"), args);
     teardown.add("serve", () => serve.close());
-    const file = await attachNbdfuse(teardown, fuseDir, serve.socketPath, true);
+    const file = await attachNbdfuse(teardown, fuseDir, serve.socketPath, {
+      sizeBytes: DEVICE_BYTES,
+      readOnly: true,
+    });
     const loop = await attachLoop(teardown, file, true);
     await mount(teardown, loop, mountDir, "ro,noload");
     const hash = async (name: string) => {
@@ -158,7 +95,10 @@ Deno.test({
           socketPath: join(dir, "nbd.sock"),
         });
         teardown.add("watch", () => watch.close());
-        const file = await attachNbdfuse(teardown, fuseDir, watch.socketPath, false);
+        const file = await attachNbdfuse(teardown, fuseDir, watch.socketPath, {
+          sizeBytes: DEVICE_BYTES,
+          readOnly: false,
+        });
         const loop = await attachLoop(teardown, file, false);
         await runOk("mkfs.ext4", ["-q", loop]);
         await mount(teardown, loop, mountDir);

@@ -10,20 +10,18 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import {
-  BackgroundProcess,
   makeSparseImage,
   run,
   runCliOk,
   runOk,
   skipReason,
-  sleep,
   snapshot,
   Teardown,
   timeBetweenPhases,
-  waitFor,
   WatchProcess,
   withTempDir,
 } from "./_watch_harness.ts";
+import { attachLoop, attachNbdfuse, mount, randomBytes, sha256Hex } from "./_fs_harness.ts";
 
 const MiB = 1024 * 1024;
 const TOOLS = [
@@ -37,44 +35,6 @@ const TOOLS = [
   "fsfreeze",
   "sync",
 ];
-
-async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", bytes);
-  return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, "0")).join("");
-}
-
-function randomBytes(length: number): Uint8Array<ArrayBuffer> {
-  const bytes = new Uint8Array(length);
-  for (let i = 0; i < length; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  return bytes;
-}
-
-/** Unmounts `path`, retrying while it is busy, lazily as a last resort. */
-async function unmount(path: string): Promise<void> {
-  for (let attempt = 0; attempt < 20; attempt++) {
-    const result = await run("umount", [path]);
-    if (result.code === 0) return;
-    if (!/busy/i.test(result.stderr)) throw new Error(`umount ${path}: ${result.stderr}`);
-    await sleep(100);
-  }
-  await runOk("umount", ["-l", path]);
-  throw new Error(`umount ${path} stayed busy; unmounted lazily`);
-}
-
-/** Attaches `file` to a free loop device and registers its detach. */
-async function attachLoop(teardown: Teardown, file: string, readOnly = false): Promise<string> {
-  const args = ["--find", "--show", ...(readOnly ? ["--read-only"] : []), file];
-  const loop = (await runOk("losetup", args)).stdout.trim();
-  assert.match(loop, /^\/dev\/loop\d+$/);
-  teardown.add(`loop ${loop}`, () => runOk("losetup", ["-d", loop]));
-  return loop;
-}
-
-/** Mounts `source` on `mountDir` and registers the unmount. */
-async function mount(teardown: Teardown, source: string, mountDir: string, options?: string) {
-  await runOk("mount", [...(options === undefined ? [] : ["-o", options]), source, mountDir]);
-  teardown.add(`mount ${mountDir}`, () => unmount(mountDir));
-}
 
 /** fsck.ext4 -fn must find nothing to fix. */
 async function assertFsckClean(image: string, what: string): Promise<void> {
@@ -139,26 +99,9 @@ Deno.test({
         });
         teardown.add("watch", () => watch.close());
 
-        const nbdfuse = new BackgroundProcess("nbdfuse", [fuseDir, "--unix", watch.socketPath]);
-        teardown.add("nbdfuse", async () => {
-          // Unmounting makes nbdfuse disconnect and exit; it is killed only if it does not.
-          const unmounted = await run("fusermount3", ["-u", fuseDir]);
-          await waitFor(() => nbdfuse.exited !== undefined, "nbdfuse to exit", 10_000)
-            .catch(() => {});
-          await nbdfuse.close();
-          if (unmounted.code !== 0) throw new Error(`fusermount3 -u: ${unmounted.stderr}`);
+        const nbdFile = await attachNbdfuse(teardown, fuseDir, watch.socketPath, {
+          sizeBytes: 64 * MiB,
         });
-        const nbdFile = join(fuseDir, "nbd");
-        await waitFor(async () => {
-          if (nbdfuse.exited !== undefined) {
-            throw new Error(`nbdfuse exited ${nbdfuse.exited.code}: ${nbdfuse.output}`);
-          }
-          try {
-            return (await Deno.stat(nbdFile)).size === 64 * MiB;
-          } catch {
-            return false;
-          }
-        }, `nbdfuse to expose ${nbdFile}`);
 
         const loop = await attachLoop(teardown, nbdFile);
         await runOk("mkfs.ext4", ["-q", loop]);
@@ -179,7 +122,7 @@ Deno.test({
         await runOk("sync", []);
         await teardown.run(`mount ${mountDir}`);
         await teardown.run(`loop ${loop}`);
-        await teardown.run("nbdfuse");
+        await teardown.run(`nbdfuse ${fuseDir}`);
         await watch.stop();
         await teardown.run("watch");
       } finally {
