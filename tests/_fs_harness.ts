@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { BackgroundProcess, run, runOk, sleep, Teardown, waitFor } from "./_watch_harness.ts";
+import { BackgroundProcess, run, runOk, sleep, type Teardown, waitFor } from "./_watch_harness.ts";
 
 /** SHA-256 of `bytes` as hex. */
 export async function sha256Hex(bytes: Uint8Array<ArrayBuffer>): Promise<string> {
