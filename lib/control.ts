@@ -5,6 +5,7 @@
  * @module
  */
 import { join } from "node:path";
+import { concatBytes, writeAll } from "./byte_sink.ts";
 import { CONTROL_SOCKET_FILE } from "./format/logdir.ts";
 
 /** Longest request line accepted. */
@@ -168,25 +169,10 @@ async function readLine(conn: Deno.Conn, bytesMax: number): Promise<string | und
     const newline = chunk.indexOf(10);
     if (newline >= 0) {
       chunks.push(chunk.subarray(0, newline));
-      return new TextDecoder().decode(concat(chunks));
+      return new TextDecoder().decode(concatBytes(chunks));
     }
     chunks.push(chunk);
     total += n;
   }
   return undefined;
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(chunks.reduce((sum, c) => sum + c.length, 0));
-  let offset = 0;
-  for (const chunk of chunks) {
-    out.set(chunk, offset);
-    offset += chunk.length;
-  }
-  return out;
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  let done = 0;
-  while (done < bytes.length) done += await conn.write(bytes.subarray(done));
 }

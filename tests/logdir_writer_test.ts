@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { concatBytes } from "../lib/byte_sink.ts";
 import * as fs from "node:fs";
 import { join } from "node:path";
 import { BusyError, exitCodeFor } from "../lib/errors.ts";
@@ -377,7 +378,7 @@ Deno.test("LogdirWriter.appendExistingRun() writes the same segments as one appe
       // Frames of a few entries each, as receive gets them; a run stops early at a busy seal.
       for (let at = 0; at < headers.length;) {
         const count = Math.min(random.int(1, 9), headers.length - at);
-        const frame = concat(encoded.slice(at, at + count));
+        const frame = concatBytes(encoded.slice(at, at + count));
         let done = 0;
         while (done < count) {
           await run.ready();
@@ -400,13 +401,3 @@ Deno.test("LogdirWriter.appendExistingRun() writes the same segments as one appe
     });
   });
 });
-
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((sum, p) => sum + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
-}

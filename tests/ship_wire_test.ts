@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { concatBytes } from "../lib/byte_sink.ts";
 import {
   CHUNK_RAW_BYTES_MAX,
   compressChunk,
@@ -49,16 +50,6 @@ class ChoppedSource {
   }
 }
 
-function concat(parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let offset = 0;
-  for (const part of parts) {
-    out.set(part, offset);
-    offset += part.length;
-  }
-  return out;
-}
-
 Deno.test("encodeJsonFrame() writes the documented golden bytes for ACK {lastSeq: 7}", () => {
   const frame = encodeJsonFrame(FRAME_TYPES.ACK, { lastSeq: 7 });
   assert.deepEqual(
@@ -83,7 +74,7 @@ Deno.test("FrameReader round-trips frames of every size class through chopped re
     const frames = bodies.map((body, i) =>
       encodeFrame(i % 2 === 0 ? FRAME_TYPES.ENTRIES : FRAME_TYPES.BASE_CHUNK, body)
     );
-    const reader = new FrameReader(new ChoppedSource(concat(frames), random));
+    const reader = new FrameReader(new ChoppedSource(concatBytes(frames), random));
     for (let i = 0; i < bodies.length; i++) {
       const frame = await reader.read();
       assert.ok(frame !== undefined, `frame ${i} missing`);
@@ -133,9 +124,9 @@ function entryBytesList(
 Deno.test("frameEnvelope() around a body makes the bytes encodeFrame() makes", async () => {
   await withSeed((random) => {
     const entries = entryBytesList(random, random.int(0, 40));
-    const body = concat(entries.map((entry) => entry.bytes));
+    const body = concatBytes(entries.map((entry) => entry.bytes));
     const { head, tail } = frameEnvelope(FRAME_TYPES.ENTRIES, body.length, crc32c(body));
-    assert.deepEqual(concat([head, body, tail]), encodeFrame(FRAME_TYPES.ENTRIES, body));
+    assert.deepEqual(concatBytes([head, body, tail]), encodeFrame(FRAME_TYPES.ENTRIES, body));
     return Promise.resolve();
   });
 });
@@ -143,7 +134,10 @@ Deno.test("frameEnvelope() around a body makes the bytes encodeFrame() makes", a
 Deno.test("FrameReader checks an ENTRIES frame once and hands out each payload's CRC", async () => {
   await withSeed(async (random) => {
     const entries = entryBytesList(random, random.int(1, 40));
-    const frame = encodeFrame(FRAME_TYPES.ENTRIES, concat(entries.map((entry) => entry.bytes)));
+    const frame = encodeFrame(
+      FRAME_TYPES.ENTRIES,
+      concatBytes(entries.map((entry) => entry.bytes)),
+    );
     const read = await new FrameReader(new ChoppedSource(frame, random)).read();
     assert.ok(read !== undefined);
     assert.deepEqual(read.payloadCrc32c, entries.map((entry) => crc32c(entry.payload)));
@@ -162,7 +156,7 @@ Deno.test("FrameReader checks an ENTRIES frame once and hands out each payload's
 
 Deno.test("FrameReader refuses an oversized length before reading the body", async () => {
   const header = new Uint8Array([0x7f, 0xff, 0xff, 0xff, FRAME_TYPES.ENTRIES]);
-  const source = new ChoppedSource(concat([header, new Uint8Array(1000)]));
+  const source = new ChoppedSource(concatBytes([header, new Uint8Array(1000)]));
   const reader = new FrameReader(source);
   await assert.rejects(() => reader.read(), (error: Error) => {
     assert.ok(error instanceof ProtocolError);

@@ -131,20 +131,3 @@ export class SocketReader {
     this.#start = 0;
   }
 }
-
-/** Writes all of `bytes` to `conn` (`Conn.write` may write only part of a buffer). */
-export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  let written = 0;
-  while (written < bytes.length) {
-    written += await conn.write(written === 0 ? bytes : bytes.subarray(written));
-  }
-}
-
-/** Closes `conn`, ignoring the error of a connection that is already closed. */
-export function closeQuietly(conn: Deno.Conn): void {
-  try {
-    conn.close();
-  } catch {
-    // Already closed, by the peer's reset or by another path of shutdown: nothing to do.
-  }
-}

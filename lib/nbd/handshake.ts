@@ -12,7 +12,8 @@
  */
 
 import type { NbdLogger } from "./_log.ts";
-import { type SocketReader, writeAll } from "./_socket.ts";
+import { writeAll } from "../byte_sink.ts";
+import type { SocketReader } from "./_socket.ts";
 import {
   NBD_BLOCK_BYTES_MIN,
   NBD_BLOCK_BYTES_PREFERRED,

@@ -22,7 +22,8 @@
  */
 
 import type { NbdLogger, NbdLogLevel } from "./_log.ts";
-import { closeQuietly, SocketReader } from "./_socket.ts";
+import { closeQuietly } from "../byte_sink.ts";
+import { SocketReader } from "./_socket.ts";
 import type { BlockBackend } from "./backend.ts";
 import { HANDSHAKE_MS_MAX, negotiate, transmissionFlagsFor } from "./handshake.ts";
 import { TransmissionSession } from "./transmission.ts";

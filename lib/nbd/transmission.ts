@@ -29,7 +29,8 @@
 
 import { assert } from "../_assert.ts";
 import type { NbdLogger, NbdLogLevel } from "./_log.ts";
-import { type SocketReader, writeAll } from "./_socket.ts";
+import { writeAll } from "../byte_sink.ts";
+import type { SocketReader } from "./_socket.ts";
 import type { BackendWriteOptions, BackendZeroOptions, BlockBackend } from "./backend.ts";
 import {
   NBD_CMD_DISC,
