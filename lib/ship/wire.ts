@@ -11,9 +11,9 @@
  *
  * @module
  */
-import { createCRC32, type IHasher } from "hash-wasm";
 import * as zlib from "node:zlib";
 import { assert } from "../_assert.ts";
+export { type ByteSink, closeQuietly, writeAll } from "../byte_sink.ts";
 import { crc32c, crc32cCombine } from "../checksum.ts";
 import { decodeEntryHeader, ENTRY_HEADER_BYTES } from "../format/entry.ts";
 
@@ -76,15 +76,9 @@ export class ProtocolError extends Error {
   override name = "ProtocolError";
 }
 
-const hasher: IHasher = await createCRC32(0x82F63B78);
-
 /** CRC32C of the type byte followed by the body. */
 export function frameChecksum(type: number, body: Uint8Array): number {
-  hasher.init();
-  hasher.update(new Uint8Array([type]));
-  hasher.update(body);
-  const digest = hasher.digest("binary");
-  return ((digest[0] << 24) | (digest[1] << 16) | (digest[2] << 8) | digest[3]) >>> 0;
+  return crc32cCombine(crc32c(Uint8Array.of(type)), crc32c(body), body.length);
 }
 
 /** A CRC32C as BASE_END, LEVEL_END and manifests write it: 8 lowercase hex digits. */
@@ -387,28 +381,6 @@ export class FrameReader {
       filled += count;
     }
     return true;
-  }
-}
-
-/** What frames are written to. */
-export interface ByteSink {
-  write(bytes: Uint8Array): Promise<number>;
-}
-
-/** Writes all of `bytes` (`write` may take only part of a buffer). */
-export async function writeAll(sink: ByteSink, bytes: Uint8Array): Promise<void> {
-  let written = 0;
-  while (written < bytes.length) {
-    written += await sink.write(written === 0 ? bytes : bytes.subarray(written));
-  }
-}
-
-/** Closes a connection, ignoring the error of one that is already closed. */
-export function closeQuietly(conn: { close(): void }): void {
-  try {
-    conn.close();
-  } catch {
-    // Already closed by the peer's reset or another path of shutdown.
   }
 }
 
