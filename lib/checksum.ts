@@ -52,6 +52,11 @@ export function crc32c(bytes: Uint8Array): number {
   return digestToUint32(hasher.digest("binary"));
 }
 
+/** A CRC32C as manifests and the wire write it: 8 lowercase hex digits. */
+export function crc32cHex(crc: number): string {
+  return (crc >>> 0).toString(16).padStart(8, "0");
+}
+
 /** A CRC32C computed over many chunks, for data that arrives a buffer at a time. */
 export class Crc32cStream {
   #crc = 0;
@@ -78,7 +83,7 @@ export class Crc32cStream {
   /** Returns the checksum as 8 lowercase hex digits. */
   digestHex(): string {
     if (!this.#ready) throw new Error("Crc32cStream.digestHex() before init()");
-    if (native !== undefined) return this.#crc.toString(16).padStart(8, "0");
+    if (native !== undefined) return crc32cHex(this.#crc);
     return this.#hasher!.digest("hex");
   }
 }

@@ -4,7 +4,7 @@
  *
  * @module
  */
-import { crc32c, crc32cCombine, crc32cOfZeros } from "./checksum.ts";
+import { crc32c, crc32cCombine, crc32cHex, crc32cOfZeros } from "./checksum.ts";
 import type { Extent } from "./data_extents.ts";
 import type { Device } from "./device.ts";
 import { readFully, writeFully } from "./format/segment.ts";
@@ -118,7 +118,7 @@ export async function copyImage(
     }
   }
   if (position < sizeBytes) hole(sizeBytes);
-  return { dataBytes, crc32c: crc.toString(16).padStart(8, "0") };
+  return { dataBytes, crc32c: crc32cHex(crc) };
 }
 
 function writeZeroRange(target: CopyTarget, offsetBytes: number, lengthBytes: number): void {

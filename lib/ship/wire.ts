@@ -14,6 +14,7 @@
 import * as zlib from "node:zlib";
 import { assert } from "../_assert.ts";
 export { type ByteSink, closeQuietly, writeAll } from "../byte_sink.ts";
+export { crc32cHex } from "../checksum.ts";
 import { crc32c, crc32cCombine } from "../checksum.ts";
 import { decodeEntryHeader, ENTRY_HEADER_BYTES } from "../format/entry.ts";
 
@@ -79,11 +80,6 @@ export class ProtocolError extends Error {
 /** CRC32C of the type byte followed by the body. */
 export function frameChecksum(type: number, body: Uint8Array): number {
   return crc32cCombine(crc32c(Uint8Array.of(type)), crc32c(body), body.length);
-}
-
-/** A CRC32C as BASE_END, LEVEL_END and manifests write it: 8 lowercase hex digits. */
-export function crc32cHex(crc32c: number): string {
-  return (crc32c >>> 0).toString(16).padStart(8, "0");
 }
 
 /** CRC32C of each frame type's code byte alone: where a combined frame checksum starts. */
