@@ -8,7 +8,7 @@ import type { Command } from "commander";
 import { parseS3Url } from "../lib/store/s3_url.ts";
 import type { StoreLogdir } from "../lib/store/store_logdir.ts";
 import type { TimeSpec } from "../lib/time.ts";
-import type { CopyNeed } from "../lib/store/store_logdir.ts";
+import type { CopyNeed } from "../lib/store/store_copy.ts";
 
 /** The object-storage flags of a subcommand. */
 export interface S3Flags {

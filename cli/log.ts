@@ -2,7 +2,7 @@
 import { Command } from "commander";
 import { UsageError } from "../lib/errors.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { withLocalCopy } from "../lib/store/store_logdir.ts";
+import { withLocalCopy } from "../lib/store/store_copy.ts";
 import { listEntries, readTimeline } from "../lib/timeline.ts";
 import { formatTimeUtc, parseTime } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, print, printJson } from "./_output.ts";

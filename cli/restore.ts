@@ -8,7 +8,7 @@ import { EXIT_INTEGRITY, UsageError } from "../lib/errors.ts";
 import { restoreAt } from "../lib/restore.ts";
 import { restoreInPlace } from "../lib/restore_in_place.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { withLocalCopy } from "../lib/store/store_logdir.ts";
+import { withLocalCopy } from "../lib/store/store_copy.ts";
 import { parseTime, type TimeSpec } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_output.ts";
 import { copyNeedFor, openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";

@@ -2,7 +2,7 @@
 import { Command } from "commander";
 import { EXIT_INTEGRITY } from "../lib/errors.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { withLocalCopy } from "../lib/store/store_logdir.ts";
+import { withLocalCopy } from "../lib/store/store_copy.ts";
 import { verifyLogdir, type VerifyResult } from "../lib/verify.ts";
 import { formatBytes, printJson, progressBar, say } from "./_output.ts";
 import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";

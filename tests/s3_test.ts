@@ -10,8 +10,8 @@ import {
   readStoreManifest,
   segmentObjectName,
   shipToStore,
-  withLocalCopy,
 } from "../lib/store/store_logdir.ts";
+import { withLocalCopy } from "../lib/store/store_copy.ts";
 import { readManifest } from "../lib/format/logdir.ts";
 import { formatTimeUtc } from "../lib/time.ts";
 import { readTimeline } from "../lib/timeline.ts";
