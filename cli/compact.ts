@@ -7,13 +7,17 @@ import { COMPACT_STEPS, type CompactResult, type CompactStep } from "../lib/comp
 import { compactLogdir } from "../lib/compact.ts";
 import { UsageError } from "../lib/errors.ts";
 import { formatTimeUtc, nowUs, parseDuration, parseTime } from "../lib/time.ts";
+import { isS3Url } from "../lib/store/s3_url.ts";
+import type { StoreCompactResult } from "../lib/store/store_compact.ts";
 import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_output.ts";
+import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 
 /** Environment variable of the crash-test hook: a step name or its 1-based number. */
 export const COMPACT_CRASH_ENV = "SECTORLOG_COMPACT_CRASH_AFTER";
 
-interface CompactFlags {
+interface CompactFlags extends S3Flags {
   keep?: string;
+  grace?: string;
   before?: string;
   maxBytes?: string;
   keepMarks?: boolean;
@@ -24,11 +28,14 @@ interface CompactFlags {
 
 /** Builds the `compact` command. */
 export function compactCommand(): Command {
-  return new Command("compact")
+  const command = new Command("compact")
     .description(
       "fold history before a cut into one compacted level (keeps every point in time after it)",
     )
-    .argument("<logdir>", "log directory (works while watch or receive appends to it)")
+    .argument(
+      "<logdir>",
+      "log directory (works while watch or receive appends to it), or s3://bucket/prefix",
+    )
     .option(
       "--keep <duration>",
       "keep the last DURATION restorable (90s, 15m, 36h, 7d; 0 = latest)",
@@ -37,18 +44,29 @@ export function compactCommand(): Command {
     .option("--max-bytes <size>", "if still larger than SIZE (10G, 500MiB), move the cut forward")
     .option("--keep-marks", "keep marks restorable: cut just before the earliest one it would lose")
     .option("--dry-run", "show what would be folded and reclaimed; change nothing")
+    .option(
+      "--grace <duration>",
+      "s3:// only: delete folded objects this long after they were retired, so running restores finish (default 1h)",
+    )
     .option("--json", "print a JSON summary on stdout")
     .option("--verbose", "print a summary on stderr (quiet on success otherwise)")
     .addHelpText(
       "after",
       "\nExamples:\n  sectorlog compact /var/lib/sectorlog/vm1 --keep 7d            # nightly from cron\n" +
         "  sectorlog compact /var/lib/sectorlog/vm1 --keep 0 --dry-run --verbose\n" +
-        "  sectorlog compact /srv/store/host1 --keep 30d --max-bytes 200G --keep-marks --json\n",
+        "  sectorlog compact /srv/store/host1 --keep 30d --max-bytes 200G --keep-marks --json\n" +
+        "  sectorlog compact s3://backups/vm1 --keep 7d --s3-endpoint http://127.0.0.1:8080\n",
     )
     .action(async (logdir: string, flags: CompactFlags) => {
       const presentUs = nowUs();
       const cutUs = cutOption(flags, presentUs);
       const maxBytes = flags.maxBytes === undefined ? undefined : parseSize(flags.maxBytes);
+      if (isS3Url(logdir)) return await compactStoreCommand(logdir, cutUs, presentUs, flags);
+      if (flags.grace !== undefined) {
+        throw new UsageError("Cannot use --grace with a local logdir: it is for s3:// logdirs", {
+          hint: "a local compaction removes folded files at once",
+        });
+      }
       const crashAfter = crashStep();
       const progress = progressBar("compact", flags.json !== true);
       let result: CompactResult;
@@ -71,6 +89,56 @@ export function compactCommand(): Command {
       if (flags.json === true) printJson({ command: "compact", ...result });
       else if (flags.verbose === true || flags.dryRun === true) describe(result);
     });
+  return withS3Options(command);
+}
+
+/** `compact s3://bucket/prefix`: the fold runs on a temporary copy of what it needs. */
+async function compactStoreCommand(
+  url: string,
+  cutUs: number,
+  presentUs: number,
+  flags: CompactFlags,
+): Promise<void> {
+  if (flags.maxBytes !== undefined) {
+    throw new UsageError("Cannot use --max-bytes with an s3:// logdir", {
+      hint: "give the cut with --keep or --before",
+    });
+  }
+  const graceMs = flags.grace === undefined ? undefined : parseDuration(flags.grace) / 1000;
+  const source = await openStoreLogdir(url, flags, "<logdir>");
+  const { compactStore } = await import("../lib/store/store_compact.ts");
+  const progress = progressBar("compact", flags.json !== true);
+  let result: StoreCompactResult;
+  try {
+    result = await compactStore(source, {
+      cutUs,
+      keepMarks: flags.keepMarks,
+      dryRun: flags.dryRun,
+      nowUs: presentUs,
+      graceMs,
+      onProgress: (done, total) => progress.update(done, total),
+      onRetry: ({ what, error, delayMs }) =>
+        say(`sectorlog compact: ${error.message}; retrying ${what} in ${delayMs / 1000}s`),
+    });
+  } finally {
+    progress.stop();
+    source.store.close();
+  }
+  for (const warning of result.warnings) say(`sectorlog compact: warning: ${warning}`);
+  if (flags.json === true) printJson({ command: "compact", ...result });
+  else if (flags.verbose === true || flags.dryRun === true) {
+    describe(result);
+    const store = result.store;
+    say(
+      `store: ${store.objectsDownloaded} objects fetched (${
+        formatBytes(store.bytesDownloaded)
+      }), ${store.objectsUploaded} uploaded (${
+        formatBytes(store.bytesUploaded)
+      }), ${store.objectsRetired} retired; ${store.sweep.objectsDeleted} deleted after ${
+        store.graceMs / 1000
+      }s grace, ${store.sweep.recordsWaiting} retire records still waiting`,
+    );
+  }
 }
 
 function cutOption(flags: CompactFlags, presentUs: number): number {

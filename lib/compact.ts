@@ -133,6 +133,11 @@ export interface CompactOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   /** Called after each of {@linkcode COMPACT_STEPS} (the CLI's crash-test hook uses it). */
   onStep?: (step: CompactStep) => void;
+  /**
+   * Seal the live segment first (default true). Off for a logdir that has no writer and no live
+   * segment, such as the temporary copy of one in object storage.
+   */
+  sealLive?: boolean;
 }
 
 /** What `--max-bytes` did. */
@@ -237,7 +242,9 @@ export async function compactLogdir(
   });
   try {
     const removedLeftovers = await removeLeftovers(logdir);
-    const seal = await sealLiveSegment(logdir);
+    const seal: SealOutcome = options.sealLive === false
+      ? { via: "none" }
+      : await sealLiveSegment(logdir);
     options.onStep?.("sealed");
     const manifest = await readManifest(logdir);
     const plan = await planCompaction(logdir, manifest, options, { includeLive: false });

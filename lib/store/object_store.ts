@@ -27,6 +27,21 @@ export interface PutFileOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void;
 }
 
+/** What the store should check before {@linkcode ObjectStore.putConditional} stores. */
+export type PutCondition =
+  /** Only when no object is under the key (`If-None-Match: *`). */
+  | { ifNoneMatch: "*" }
+  /** Only when the object's ETag is still this one (`If-Match`). */
+  | { ifMatch: string };
+
+/** How {@linkcode ObjectStore.putConditional} went. */
+export type ConditionalPutResult =
+  | { outcome: "stored"; etag: string }
+  /** The condition did not hold: another writer got there first. */
+  | { outcome: "conflict" }
+  /** The store does not do conditional writes (e.g. Swift's s3api answers 501). */
+  | { outcome: "unsupported" };
+
 /** A flat store of immutable objects. Every method throws a one-line error naming the key. */
 export interface ObjectStore {
   /** Checks that the store answers, accepts the credentials and holds the bucket. */
@@ -40,6 +55,17 @@ export interface ObjectStore {
    * large, with bounded memory; returns the bytes stored.
    */
   putFile(key: string, path: string, options?: PutFileOptions): Promise<number>;
+  /**
+   * Stores `bytes` under `key` only when `condition` holds, atomically in the store (S3
+   * conditional writes). Stores without them answer `unsupported` and store nothing.
+   */
+  putConditional(
+    key: string,
+    bytes: Uint8Array,
+    condition: PutCondition,
+  ): Promise<ConditionalPutResult>;
+  /** The whole object with its ETag, or undefined when there is no such object. */
+  getWithEtag(key: string): Promise<{ bytes: Uint8Array; etag: string } | undefined>;
   /** The whole object, or a range of it; undefined when there is no such object. */
   get(key: string, range?: ByteRange): Promise<Uint8Array | undefined>;
   /** Streams the object into `path` (created or truncated); returns its size, or undefined. */

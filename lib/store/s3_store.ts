@@ -25,8 +25,10 @@ import { readFully } from "../format/segment.ts";
 import { isAllZero } from "../sparse_copy.ts";
 import {
   type ByteRange,
+  type ConditionalPutResult,
   type ObjectInfo,
   type ObjectStore,
+  type PutCondition,
   type PutFileOptions,
   StoreError,
 } from "./object_store.ts";
@@ -81,6 +83,8 @@ export class S3Store implements ObjectStore {
   #client: S3Client;
   #multipartThresholdBytes: number;
   #partBytes: number;
+  /** Whether the store does conditional writes: unknown until the first one. */
+  #conditionalWrites: boolean | undefined;
 
   constructor(bucket: string, options: S3StoreOptions = {}) {
     this.bucket = bucket;
@@ -130,6 +134,52 @@ export class S3Store implements ObjectStore {
       );
     } catch (error) {
       throw this.#error("upload", this.describe(key), error);
+    }
+  }
+
+  async putConditional(
+    key: string,
+    bytes: Uint8Array,
+    condition: PutCondition,
+  ): Promise<ConditionalPutResult> {
+    if (this.#conditionalWrites === false) return { outcome: "unsupported" };
+    try {
+      const reply = await this.#client.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: key,
+          Body: bytes,
+          IfNoneMatch: "ifNoneMatch" in condition ? condition.ifNoneMatch : undefined,
+          IfMatch: "ifMatch" in condition ? condition.ifMatch : undefined,
+        }),
+      );
+      this.#conditionalWrites = true;
+      return { outcome: "stored", etag: reply.ETag ?? "" };
+    } catch (error) {
+      const status = statusOf(error);
+      const name = (error as SdkFailure | undefined)?.name;
+      // 412: the condition failed; 409: a concurrent conditional write won (retry decides).
+      if (status === 412 || status === 409 || name === "PreconditionFailed") {
+        return { outcome: "conflict" };
+      }
+      if (status === 501 || name === "NotImplemented") {
+        this.#conditionalWrites = false;
+        return { outcome: "unsupported" };
+      }
+      throw this.#error("upload", this.describe(key), error);
+    }
+  }
+
+  async getWithEtag(key: string): Promise<{ bytes: Uint8Array; etag: string } | undefined> {
+    try {
+      const reply = await this.#client.send(
+        new GetObjectCommand({ Bucket: this.bucket, Key: key }),
+      );
+      assert(reply.Body !== undefined, "GetObject returned no body");
+      return { bytes: await reply.Body.transformToByteArray(), etag: reply.ETag ?? "" };
+    } catch (error) {
+      if (isNotFound(error)) return undefined;
+      throw this.#error("download", this.describe(key), error);
     }
   }
 

@@ -27,12 +27,16 @@ import {
   nextSeqAfterSealed,
   type SegmentInfo,
 } from "../format/manifest.ts";
+import { StoreLease, withLease } from "./lease.ts";
 import { type ObjectStore, StoreError } from "./object_store.ts";
+import { retireObjects } from "./store_gc.ts";
 
 /** The manifest object's name under the prefix. */
 export const MANIFEST_OBJECT = "manifest.json";
 /** Waits between attempts of one object upload that failed for a transient reason. */
 export const UPLOAD_RETRY_DELAYS_MS: readonly number[] = [1_000, 2_000, 4_000, 8_000, 16_000];
+/** How long a writer waits for the prefix's `manifest` lease (held for a moment at a time). */
+export const MANIFEST_LEASE_WAIT_MS = 60_000;
 
 function hex16(value: number): string {
   return value.toString(16).padStart(16, "0");
@@ -80,6 +84,8 @@ export interface ShipToStoreResult {
   target: string;
   logdirId: string;
   hostId: string;
+  /** How the store was brought up to date. */
+  mode: ShipMode;
   /** Seq of the last entry the store's manifest now covers. */
   lastSeq: number;
   segments: number;
@@ -90,6 +96,8 @@ export interface ShipToStoreResult {
   objectsPresent: number;
   /** False when the store's manifest already said the same. */
   manifestUploaded: boolean;
+  /** Objects the store's manifest no longer names, to be deleted after the grace period. */
+  objectsRetired: number;
   /** Who sealed the live segment: `ship` (this process), `watch` (on request) or `none`. */
   sealedVia: "ship" | "watch" | "none";
   /** Why the live segment could not be sealed (its entries were not shipped). */
@@ -97,7 +105,8 @@ export interface ShipToStoreResult {
   durationMs: number;
 }
 
-interface Upload {
+/** A local file to upload as object `name`. */
+export interface Upload {
   name: string;
   path: string;
   sizeBytes: number;
@@ -105,9 +114,16 @@ interface Upload {
 
 /**
  * Uploads `logdir` to object storage: seals the live segment (through a running `watch`, or as a
- * momentary writer), then uploads the base, levels and sealed segments the store lacks, then the
- * manifest. Objects already there are never uploaded again, so an interrupted ship resumes.
- * Holds the logdir's compaction lock meanwhile, so no file it uploads is removed under it.
+ * momentary writer), then uploads what the store lacks, then the manifest. Objects already there
+ * are never uploaded again, so an interrupted ship resumes. Holds the logdir's compaction lock
+ * meanwhile, so no file it uploads is removed under it, and the prefix's `ship` lease, so two
+ * ships to one prefix never run at once (the second gets a BusyError naming the first).
+ *
+ * The store's history is kept: when the local log continues the store's (the usual case), only
+ * the new segments go up and the manifest gains them, so a `compact` of the store is not undone
+ * by the next ship. When it does not (local compaction folded entries the store never got, or
+ * the prefix is new), the store becomes a copy of the logdir; objects it no longer names are
+ * retired: the next `compact` of the store deletes them after its grace period (store_gc.ts).
  *
  * @example
  * ```ts
@@ -123,11 +139,24 @@ export async function shipToStore(
   target: StoreLogdir,
   options: ShipToStoreOptions = {},
 ): Promise<ShipToStoreResult> {
-  const startedMs = performance.now();
   await readManifest(logdir); // a clear error for a path that is not a logdir
   // The store is checked before anything local changes (sealing rotates the live segment).
   await target.store.check();
-  const remote = await readStoreManifest(target);
+  const lease = await StoreLease.acquire(target, "ship", { purpose: `ship of ${logdir}` });
+  try {
+    return await shipRound(logdir, target, lease, options);
+  } finally {
+    await lease.release();
+  }
+}
+
+async function shipRound(
+  logdir: string,
+  target: StoreLogdir,
+  lease: StoreLease,
+  options: ShipToStoreOptions,
+): Promise<ShipToStoreResult> {
+  const startedMs = performance.now();
   const lock = await LogdirLock.acquire(logdir, "ship to object storage", {
     file: COMPACT_LOCK_FILE,
     heldBy: "a compaction is running",
@@ -135,37 +164,30 @@ export async function shipToStore(
   try {
     const seal = await sealLiveSegment(logdir, "ship");
     const manifest = await readManifest(logdir);
-    if (remote !== undefined && remote.logdirId !== manifest.logdirId) {
-      throw new UsageError(
-        `Cannot ship ${logdir} to ${target.store.describe(objectKey(target, ""))}: it holds ` +
-          `another logdir (id ${remote.logdirId}, host ${remote.hostId})`,
-        { hint: "ship each logdir to its own prefix" },
-      );
-    }
-    const uploads = plannedUploads(logdir, manifest);
+    const remote = await readStoreManifest(target);
+    checkSameLogdir(logdir, target, manifest, remote);
+    const plan = planShip(logdir, manifest, remote);
     const present = new Map<string, number>();
     for await (const item of target.store.list(objectKey(target, ""))) {
       present.set(item.key, item.sizeBytes);
     }
-    const result = await uploadMissing(target, uploads, present, options);
-    const manifestText = encodeManifest(manifest);
-    const manifestUploaded = remote === undefined || encodeManifest(remote) !== manifestText;
-    if (manifestUploaded) {
-      await withRetry(
-        target.store.describe(objectKey(target, MANIFEST_OBJECT)),
-        () => target.store.put(objectKey(target, MANIFEST_OBJECT), encodeText(manifestText)),
-        options,
-      );
-    }
+    const result = await uploadMissing(target, plan.uploads, present, options);
+    lease.assertHeld();
+    const commit = await commitManifest(target, options, (now) => {
+      checkSameLogdir(logdir, target, manifest, now);
+      return plan.mode === "append" && now !== undefined ? appendTo(now, manifest) : manifest;
+    });
     return {
       target: target.store.describe(objectKey(target, "")).replace(/\/$/, ""),
       logdirId: manifest.logdirId,
       hostId: manifest.hostId,
-      lastSeq: nextSeqAfterSealed(manifest) - 1,
-      segments: manifest.segments.length,
-      levels: manifest.levels.length,
+      mode: plan.mode,
+      lastSeq: nextSeqAfterSealed(commit.manifest) - 1,
+      segments: commit.manifest.segments.length,
+      levels: commit.manifest.levels.length,
       ...result,
-      manifestUploaded,
+      manifestUploaded: commit.changed,
+      objectsRetired: commit.retired.length,
       sealedVia: seal.via === "compact" ? "ship" : seal.via,
       sealNote: seal.via === "none" ? seal.warning ?? seal.note : undefined,
       durationMs: Math.round(performance.now() - startedMs),
@@ -173,6 +195,119 @@ export async function shipToStore(
   } finally {
     lock.release();
   }
+}
+
+function checkSameLogdir(
+  logdir: string,
+  target: StoreLogdir,
+  manifest: Manifest,
+  remote: Manifest | undefined,
+): void {
+  if (remote !== undefined && remote.logdirId !== manifest.logdirId) {
+    throw new UsageError(
+      `Cannot ship ${logdir} to ${target.store.describe(objectKey(target, ""))}: it holds ` +
+        `another logdir (id ${remote.logdirId}, host ${remote.hostId})`,
+      { hint: "ship each logdir to its own prefix" },
+    );
+  }
+}
+
+/** How a ship round brings the store up to date (see {@linkcode shipToStore}). */
+export type ShipMode =
+  /** The store already holds every sealed entry of the logdir. */
+  | "current"
+  /** New segments are added after the store's. */
+  | "append"
+  /** The store becomes a copy of the logdir. */
+  | "mirror";
+
+function planShip(
+  logdir: string,
+  local: Manifest,
+  remote: Manifest | undefined,
+): { mode: ShipMode; uploads: Upload[] } {
+  if (remote === undefined) return { mode: "mirror", uploads: plannedUploads(logdir, local) };
+  const remoteNext = nextSeqAfterSealed(remote);
+  if (nextSeqAfterSealed(local) <= remoteNext) return { mode: "current", uploads: [] };
+  const index = local.segments.findIndex((segment) => segment.firstSeq === remoteNext);
+  if (index < 0) return { mode: "mirror", uploads: plannedUploads(logdir, local) };
+  const uploads = local.segments.slice(index).map((segment) => segmentUpload(logdir, segment));
+  return { mode: "append", uploads };
+}
+
+/**
+ * `remote` followed by the sealed segments of `local` after it. The store's base, levels and
+ * horizon stay: they may be a compaction of the store's own.
+ */
+function appendTo(remote: Manifest, local: Manifest): Manifest {
+  const remoteNext = nextSeqAfterSealed(remote);
+  const added = local.segments.filter((segment) => segment.firstSeq >= remoteNext);
+  if (added.length > 0 && added[0].firstSeq !== remoteNext) {
+    // Only `ship` adds segments and it holds the ship lease: the store cannot have moved on.
+    throw new StoreError(
+      `The store's manifest ends at seq ${remoteNext - 1}, which no local segment continues`,
+      { transient: true },
+    );
+  }
+  return { ...remote, segments: [...remote.segments, ...added] };
+}
+
+/** The names of the objects `manifest` refers to. */
+export function manifestObjectNames(manifest: Manifest): Set<string> {
+  return new Set([
+    baseObjectName(manifest.base.file),
+    ...manifest.levels.map((level) => levelObjectName(level.file)),
+    ...manifest.segments.map(segmentObjectName),
+  ]);
+}
+
+/** What {@linkcode commitManifest} did. */
+export interface ManifestCommit {
+  manifest: Manifest;
+  /** False when the store's manifest already said the same. */
+  changed: boolean;
+  /** Keys of the objects the old manifest named and the new one does not. */
+  retired: string[];
+}
+
+/**
+ * Replaces the store's manifest with `compose(the store's current manifest)` under the prefix's
+ * `manifest` lease (waiting for it: others hold it only for a moment), then retires the objects
+ * the old manifest named and the new one does not: they are deleted by a later sweep, after the
+ * grace period, so that a reader still working from the old manifest keeps finding them.
+ */
+export async function commitManifest(
+  target: StoreLogdir,
+  options: { retryDelaysMs?: readonly number[]; onRetry?: ShipToStoreOptions["onRetry"] },
+  compose: (current: Manifest | undefined) => Manifest,
+): Promise<ManifestCommit> {
+  return await withLease(
+    target,
+    "manifest",
+    { purpose: "manifest update", waitMs: MANIFEST_LEASE_WAIT_MS, autoRenew: false },
+    async (lease) => {
+      const current = await readStoreManifest(target);
+      const next = compose(current);
+      const text = encodeManifest(next);
+      if (current !== undefined && encodeManifest(current) === text) {
+        return { manifest: next, changed: false, retired: [] };
+      }
+      lease.assertHeld();
+      const key = objectKey(target, MANIFEST_OBJECT);
+      await withRetry(
+        target.store.describe(key),
+        () => target.store.put(key, new TextEncoder().encode(text)),
+        options,
+      );
+      const keep = manifestObjectNames(next);
+      const retired = current === undefined
+        ? []
+        : [...manifestObjectNames(current)].filter((name) => !keep.has(name))
+          .map((name) => objectKey(target, name));
+      if (retired.length > 0) await retireObjects(target, retired, "manifest update");
+      return { manifest: next, changed: true, retired };
+    },
+  );
 }
 
 /** Options of {@linkcode followToStore}. */
@@ -193,8 +328,9 @@ export const FOLLOW_MAX_LAG_MS_MAX = 24 * 60 * 60 * 1000;
 /**
  * `ship --follow` to object storage: a {@linkcode shipToStore} round every `maxLagMs` (sealing
  * the live segment each time, so what reached the logdir before a round is in the store after
- * it) until `signal` aborts. A transient store failure skips to the next round; anything else
- * ends the loop with its error. Returns the last successful round.
+ * it) until `signal` aborts, holding the prefix's `ship` lease throughout. A transient store
+ * failure skips to the next round; anything else ends the loop with its error. Returns the last
+ * successful round.
  */
 export async function followToStore(
   logdir: string,
@@ -205,20 +341,29 @@ export async function followToStore(
     options.maxLagMs > 0 && options.maxLagMs <= FOLLOW_MAX_LAG_MS_MAX,
     "maxLagMs out of range",
   );
-  let last: ShipToStoreResult | undefined;
-  for (let round = 1; !options.signal.aborted; round++) {
-    const startedMs = performance.now();
-    try {
-      last = await shipToStore(logdir, target, options);
-      options.onRound?.({ ...last, round, lagMs: Math.round(performance.now() - startedMs) });
-    } catch (error) {
-      if (!(error instanceof StoreError) || !error.transient) throw error;
-      options.onRoundError?.(error);
+  await readManifest(logdir);
+  await target.store.check();
+  const lease = await StoreLease.acquire(target, "ship", {
+    purpose: `ship --follow of ${logdir}`,
+  });
+  try {
+    let last: ShipToStoreResult | undefined;
+    for (let round = 1; !options.signal.aborted; round++) {
+      const startedMs = performance.now();
+      try {
+        last = await shipRound(logdir, target, lease, options);
+        options.onRound?.({ ...last, round, lagMs: Math.round(performance.now() - startedMs) });
+      } catch (error) {
+        if (!(error instanceof StoreError) || !error.transient) throw error;
+        options.onRoundError?.(error);
+      }
+      const waitMs = Math.max(0, options.maxLagMs - (performance.now() - startedMs));
+      await abortableSleep(waitMs, options.signal);
     }
-    const waitMs = Math.max(0, options.maxLagMs - (performance.now() - startedMs));
-    await abortableSleep(waitMs, options.signal);
+    return last;
+  } finally {
+    await lease.release();
   }
-  return last;
 }
 
 function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
@@ -234,6 +379,14 @@ function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
   });
 }
 
+function segmentUpload(logdir: string, segment: SegmentInfo): Upload {
+  return {
+    name: segmentObjectName(segment),
+    path: join(logdir, SEGMENTS_DIR, segment.file),
+    sizeBytes: segment.sizeBytes,
+  };
+}
+
 function plannedUploads(logdir: string, manifest: Manifest): Upload[] {
   const uploads: Upload[] = [{
     name: baseObjectName(manifest.base.file),
@@ -247,17 +400,12 @@ function plannedUploads(logdir: string, manifest: Manifest): Upload[] {
       sizeBytes: level.sizeBytes,
     });
   }
-  for (const segment of manifest.segments) {
-    uploads.push({
-      name: segmentObjectName(segment),
-      path: join(logdir, SEGMENTS_DIR, segment.file),
-      sizeBytes: segment.sizeBytes,
-    });
-  }
+  for (const segment of manifest.segments) uploads.push(segmentUpload(logdir, segment));
   return uploads;
 }
 
-async function uploadMissing(
+/** Uploads the `uploads` whose keys `present` (key → size) lacks; sizes of present ones must match. */
+export async function uploadMissing(
   target: StoreLogdir,
   uploads: Upload[],
   present: Map<string, number>,
@@ -314,10 +462,6 @@ async function withRetry<T>(
       await new Promise((resolve) => setTimeout(resolve, delaysMs[index]));
     }
   }
-}
-
-function encodeText(text: string): Uint8Array {
-  return new TextEncoder().encode(text);
 }
 
 /** The manifest the store holds under the prefix, or undefined when there is none. */
