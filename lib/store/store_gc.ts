@@ -47,7 +47,7 @@ export async function retireObjects(
   target: StoreLogdir,
   keys: string[],
   by: string,
-  retiredUs = nowUs(),
+  retiredUs: number = nowUs(),
 ): Promise<void> {
   for (let start = 0; start < keys.length; start += RETIRE_RECORD_KEYS_MAX) {
     const record: RetireRecord = {
