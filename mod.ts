@@ -51,6 +51,7 @@ export * from "./lib/store/object_store.ts";
 export * from "./lib/store/s3_store.ts";
 export * from "./lib/store/store_logdir.ts";
 export * from "./lib/store/store_copy.ts";
+export * from "./lib/store/store_restore.ts";
 export * from "./lib/time.ts";
 export * from "./lib/timeline.ts";
 export * from "./lib/verify.ts";
