@@ -54,6 +54,7 @@ export * from "./lib/store/store_copy.ts";
 export * from "./lib/store/lease.ts";
 export * from "./lib/store/store_gc.ts";
 export * from "./lib/store/store_compact.ts";
+export * from "./lib/store/store_restore.ts";
 export * from "./lib/time.ts";
 export * from "./lib/timeline.ts";
 export * from "./lib/verify.ts";

@@ -7,8 +7,6 @@
 import type { Command } from "commander";
 import { parseS3Url } from "../lib/store/s3_url.ts";
 import type { StoreLogdir } from "../lib/store/store_logdir.ts";
-import type { TimeSpec } from "../lib/time.ts";
-import type { CopyNeed } from "../lib/store/store_copy.ts";
 
 /** The object-storage flags of a subcommand. */
 export interface S3Flags {
@@ -47,9 +45,5 @@ export async function openStoreLogdir(
   return { store, prefix: location.prefix };
 }
 
-/** Which objects a restore to `at` needs: only the segments up to that point when it is one. */
-export function copyNeedFor(at: TimeSpec | undefined): CopyNeed {
-  if (at?.kind === "instant") return { kind: "untilTime", timeUs: at.timeUs };
-  if (at?.kind === "seq") return { kind: "untilSeq", seq: at.seq };
-  return { kind: "all" };
-}
+/** Which objects a restore to `at` needs (the library decides; kept here for the CLI). */
+export { copyNeedFor } from "../lib/store/store_copy.ts";

@@ -5,13 +5,13 @@
 import { Command } from "commander";
 import { realpathSync } from "node:fs";
 import { EXIT_INTEGRITY, UsageError } from "../lib/errors.ts";
-import { restoreAt } from "../lib/restore.ts";
+import { restoreAt, type RestoreOptions, type RestoreResult } from "../lib/restore.ts";
 import { restoreInPlace } from "../lib/restore_in_place.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { withLocalCopy } from "../lib/store/store_copy.ts";
+import { restoreFromStore, type StoreRestoreResult } from "../lib/store/store_restore.ts";
 import { parseTime, type TimeSpec } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, printJson, progressBar, say } from "./_output.ts";
-import { copyNeedFor, openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
+import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 
 interface RestoreFlags extends S3Flags {
   at?: string;
@@ -64,19 +64,18 @@ export function restoreCommand(): Command {
         });
       }
       const progress = progressBar("restore", flags.json !== true);
-      const restore = (from: string) =>
-        restoreAt(from, output, {
-          at,
-          toFlush: flags.toFlush,
-          force: flags.force,
-          stopAtCorruption: flags.stopAtCorruption,
-          onProgress: (done, total) => progress.update(done, total),
-        });
-      let result;
+      const options = {
+        at,
+        toFlush: flags.toFlush,
+        force: flags.force,
+        stopAtCorruption: flags.stopAtCorruption,
+        onProgress: (done: number, total: number) => progress.update(done, total),
+      };
+      let result: RestoreResult & Partial<StoreRestoreResult>;
       try {
         result = isS3Url(logdir)
-          ? await restoreFromStore(logdir, output, at, flags, restore)
-          : await restore(logdir);
+          ? await restoreFromS3(logdir, output, flags, options)
+          : await restoreAt(logdir, output, options);
       } finally {
         progress.stop();
       }
@@ -99,40 +98,32 @@ export function restoreCommand(): Command {
           formatTimeBoth(result.targetUs)
         }: ${result.entriesApplied} entries applied up to seq ${result.targetSeq} in ${result.durationMs} ms`,
       );
+      if (result.bytesDownloaded !== undefined) {
+        say(
+          `downloaded ${result.objectsDownloaded} objects (${
+            formatBytes(result.bytesDownloaded)
+          }): ${result.segmentsFetched} of ${result.segmentsListed} segments`,
+        );
+      }
     });
 }
 
 /**
- * A restore from an `s3://` logdir: the objects the point needs are fetched into a temporary local
- * logdir first (see lib/store/store_logdir.ts), then restored from as from any logdir.
+ * A restore from an `s3://` logdir: only the levels and segments the point needs are fetched
+ * (parallel ranged GETs), and the base object is streamed straight into the output (see
+ * lib/store/store_restore.ts).
  */
-async function restoreFromStore(
+async function restoreFromS3(
   url: string,
   output: string,
-  at: TimeSpec | undefined,
   flags: RestoreFlags,
-  restore: (logdir: string) => ReturnType<typeof restoreAt>,
-): ReturnType<typeof restoreAt> {
+  options: RestoreOptions,
+): ReturnType<typeof restoreFromStore> {
   const source = await openStoreLogdir(url, flags, "<logdir>");
   try {
-    if (flags.force !== true && fileExists(output)) {
-      // Refused before any download, as restoreAt would after it.
-      throw new UsageError(`Cannot restore to ${output}: it already exists`, {
-        hint: "pass --force to overwrite it",
-      });
-    }
-    return await withLocalCopy(source, copyNeedFor(at), (copy) => restore(copy.logdir));
+    return await restoreFromStore(source, output, options);
   } finally {
     source.store.close();
-  }
-}
-
-function fileExists(path: string): boolean {
-  try {
-    Deno.statSync(path);
-    return true;
-  } catch {
-    return false;
   }
 }
 

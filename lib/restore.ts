@@ -13,7 +13,7 @@ import { LEVELS_DIR, readLogEntries, syncDirectory, withConsistentRead } from ".
 import type { Manifest } from "./format/manifest.ts";
 import { fdatasync, SegmentScanner, writeFully } from "./format/segment.ts";
 import { dataExtents } from "./data_extents.ts";
-import { copyImage, type CopyTarget, fdSource, fdTarget } from "./sparse_copy.ts";
+import { copyImage, type CopyResult, type CopyTarget, fdSource, fdTarget } from "./sparse_copy.ts";
 import { resolveRestorePoint } from "./timeline.ts";
 import type { TimeSpec } from "./time.ts";
 
@@ -38,7 +38,22 @@ export interface RestoreOptions {
   stopAtCorruption?: boolean;
   /** Called as bytes are copied and entries applied; total is an estimate. */
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /**
+   * Writes the base image into the output instead of copying the logdir's base file (a restore
+   * from object storage streams the base object straight into the output). Restore checks the
+   * CRC32C it returns against the manifest's.
+   */
+  base?: BaseWriter;
 }
+
+/**
+ * Writes the whole base image (`manifest.deviceBytes`) to `target`, reporting bytes done as it
+ * goes, and returns the bytes that held data and the CRC32C of the whole image.
+ */
+export type BaseWriter = (
+  target: CopyTarget,
+  onProgress: (doneBytes: number) => void,
+) => Promise<CopyResult>;
 
 /** What {@linkcode restoreAt} produced. */
 export interface RestoreResult {
@@ -91,7 +106,7 @@ async function restoreOnce(
   const target = await openOutput(output, manifest.deviceBytes, options.force === true);
   try {
     const progress = progressTracker(manifest, point.timeline.entries, options.onProgress);
-    const base = await copyBase(logdir, manifest, target, progress);
+    const base = await writeBase(logdir, manifest, target, progress, options.base);
     const levelEntriesApplied = await applyLevels(logdir, manifest, target.fd);
     let entriesApplied = 0;
     let appliedSeq = point.timeline.applyFromSeq - 1;
@@ -167,13 +182,34 @@ function writeZeroes(fd: number, offsetBytes: number, lengthBytes: number): void
   }
 }
 
-async function copyBase(
+/** Writes the base into the output (from the logdir's file or `writer`) and checks its CRC32C. */
+async function writeBase(
   logdir: string,
   manifest: Manifest,
   target: RestoreTarget,
   progress: ProgressTracker,
-): Promise<{ dataBytes: number }> {
+  writer: BaseWriter | undefined,
+): Promise<CopyResult> {
   const path = join(logdir, manifest.base.file);
+  const onProgress = (doneBytes: number) => progress.base(doneBytes);
+  const copy = writer === undefined
+    ? await copyBaseFile(path, manifest, target, onProgress)
+    : await writer(target.copyTarget, onProgress);
+  if (copy.crc32c !== manifest.base.crc32c) {
+    throw new IntegrityError(
+      `Base snapshot ${path} does not match its checksum (crc32c ${copy.crc32c}, expected ${manifest.base.crc32c})`,
+      { path },
+    );
+  }
+  return copy;
+}
+
+async function copyBaseFile(
+  path: string,
+  manifest: Manifest,
+  target: RestoreTarget,
+  onProgress: (doneBytes: number) => void,
+): Promise<CopyResult> {
   let fd: number;
   try {
     fd = fs.openSync(path, "r");
@@ -191,17 +227,10 @@ async function copyBase(
         { path, offsetBytes: Math.min(size, manifest.deviceBytes) },
       );
     }
-    const copy = await copyImage(fdSource(fd, size), target.copyTarget, {
+    return await copyImage(fdSource(fd, size), target.copyTarget, {
       extents: dataExtents(path, size),
-      onProgress: (done) => progress.base(done),
+      onProgress,
     });
-    if (copy.crc32c !== manifest.base.crc32c) {
-      throw new IntegrityError(
-        `Base snapshot ${path} does not match its checksum (crc32c ${copy.crc32c}, expected ${manifest.base.crc32c})`,
-        { path },
-      );
-    }
-    return copy;
   } finally {
     fs.closeSync(fd);
   }

@@ -131,8 +131,26 @@ function writeZeroRange(target: CopyTarget, offsetBytes: number, lengthBytes: nu
   }
 }
 
-/** Writes the runs of non-zero blocks of `bytes` (all of it when holes are not zero). */
-function writeNonZeroRuns(bytes: Uint8Array, offsetBytes: number, target: CopyTarget): number {
+/**
+ * Writes `bytes` (which belong at `offsetBytes`) to `target`, leaving all-zero blocks of
+ * {@linkcode HOLE_BLOCK_BYTES} unwritten when the target's holes read as zeroes; returns the bytes
+ * written.
+ *
+ * @example
+ * ```ts
+ * import { writeNonZeroRuns } from "./sparse_copy.ts";
+ * const written: number[] = [];
+ * const target = { holesAreZero: true, write: (offset: number) => void written.push(offset) };
+ * const bytes = new Uint8Array(3 * 4096);
+ * bytes[5000] = 1;
+ * writeNonZeroRuns(bytes, 0, target); // 4096: only the middle block, at offset 4096
+ * ```
+ */
+export function writeNonZeroRuns(
+  bytes: Uint8Array,
+  offsetBytes: number,
+  target: CopyTarget,
+): number {
   if (!target.holesAreZero) {
     target.write(offsetBytes, bytes);
     return bytes.length;

@@ -1,7 +1,8 @@
 /**
  * `compact s3://bucket/prefix`: compaction of a logdir in object storage. The segments the fold
  * reads (those that start at or before the cut, and the next one, whose first entry bounds the
- * new horizon) and the levels are fetched into a temporary local logdir; the local compaction
+ * new horizon) and the levels are fetched into a temporary local logdir (not the base: the fold
+ * never reads it); the local compaction
  * runs there; the new level and the rewritten tail segment go up as new objects; then the store's
  * manifest is replaced under the `manifest` lease, keeping every segment a `ship` added
  * meanwhile. The folded objects are retired, not deleted: a sweep deletes them after the grace
@@ -17,7 +18,7 @@ import { LEVELS_DIR, readManifest, SEGMENTS_DIR } from "../format/logdir.ts";
 import type { Manifest } from "../format/manifest.ts";
 import { StoreLease } from "./lease.ts";
 import { StoreError } from "./object_store.ts";
-import { withLocalCopy } from "./store_copy.ts";
+import { withLocalCopyOf } from "./store_copy.ts";
 import { RETIRE_GRACE_MS, retireObjects, type SweepResult, sweepRetired } from "./store_gc.ts";
 import {
   commitManifest,
@@ -94,7 +95,10 @@ export async function compactStore(
     const after = remote.segments.find((segment) => segment.firstUs > cutUs);
     const needSeq = after?.firstSeq ?? remote.segments.at(-1)?.lastSeq ?? 0;
     const copied = remote.segments.filter((segment) => segment.firstSeq <= needSeq);
-    return await withLocalCopy(source, { kind: "untilSeq", seq: needSeq }, async (copy) => {
+    // The fold never reads the base: it stays in the store. The copy is of `remote` exactly, so
+    // that the commit can tell whether the store changed meanwhile.
+    const need = { kind: "untilSeq" as const, seq: needSeq };
+    return await withLocalCopyOf(source, remote, need, async (copy) => {
       const result = await compactLogdir(copy.logdir, { ...options, sealLive: false });
       const store: StoreCompactResult["store"] = {
         objectsDownloaded: copy.objectsDownloaded,
@@ -139,7 +143,7 @@ export async function compactStore(
         durationMs: Math.round(performance.now() - startedMs),
         store,
       };
-    }, { cacheDir: options.cacheDir });
+    }, { cacheDir: options.cacheDir, skipBase: true });
   } finally {
     await lease?.release();
   }
