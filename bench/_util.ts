@@ -19,15 +19,19 @@ export interface RunResult {
   wallMs: number;
 }
 
-/** Runs a command to completion and returns its output and wall time; throws on failure. */
+/**
+ * Runs a command to completion and returns its output and wall time; throws on failure. `env`
+ * adds to (or overrides) the inherited environment.
+ */
 export async function run(
   argv: string[],
-  options: { allowFailure?: boolean; cwd?: string } = {},
+  options: { allowFailure?: boolean; cwd?: string; env?: Record<string, string> } = {},
 ): Promise<RunResult> {
   const startedMs = performance.now();
   const output = await new Deno.Command(argv[0], {
     args: argv.slice(1),
     cwd: options.cwd ?? REPO_ROOT,
+    env: options.env,
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
