@@ -305,3 +305,23 @@ export async function journalRandomWrites(
   }
   return { writes, flushes, bytes, ms: performance.now() - startedMs };
 }
+
+/** Writes an image whose first `dataBytes` are random data and whose rest is a hole. */
+export async function writeDataThenHole(
+  path: string,
+  prng: Prng,
+  sizes: { dataBytes: number; deviceBytes: number },
+): Promise<void> {
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  try {
+    const chunk = new Uint8Array(MiB);
+    for (let offset = 0; offset < sizes.dataBytes; offset += chunk.length) {
+      prng.fill(chunk);
+      let written = 0;
+      while (written < chunk.length) written += await file.write(chunk.subarray(written));
+    }
+    await file.truncate(sizes.deviceBytes);
+  } finally {
+    file.close();
+  }
+}
