@@ -19,15 +19,19 @@ export interface RunResult {
   wallMs: number;
 }
 
-/** Runs a command to completion and returns its output and wall time; throws on failure. */
+/**
+ * Runs a command to completion and returns its output and wall time; throws on failure. `env`
+ * adds to (or overrides) the inherited environment.
+ */
 export async function run(
   argv: string[],
-  options: { allowFailure?: boolean; cwd?: string } = {},
+  options: { allowFailure?: boolean; cwd?: string; env?: Record<string, string> } = {},
 ): Promise<RunResult> {
   const startedMs = performance.now();
   const output = await new Deno.Command(argv[0], {
     args: argv.slice(1),
     cwd: options.cwd ?? REPO_ROOT,
+    env: options.env,
     stdout: "piped",
     stderr: "piped",
     stdin: "null",
@@ -300,4 +304,24 @@ export async function journalRandomWrites(
     await disk.close({ seal: true });
   }
   return { writes, flushes, bytes, ms: performance.now() - startedMs };
+}
+
+/** Writes an image whose first `dataBytes` are random data and whose rest is a hole. */
+export async function writeDataThenHole(
+  path: string,
+  prng: Prng,
+  sizes: { dataBytes: number; deviceBytes: number },
+): Promise<void> {
+  const file = await Deno.open(path, { write: true, create: true, truncate: true });
+  try {
+    const chunk = new Uint8Array(MiB);
+    for (let offset = 0; offset < sizes.dataBytes; offset += chunk.length) {
+      prng.fill(chunk);
+      let written = 0;
+      while (written < chunk.length) written += await file.write(chunk.subarray(written));
+    }
+    await file.truncate(sizes.deviceBytes);
+  } finally {
+    file.close();
+  }
 }

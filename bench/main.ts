@@ -1,5 +1,5 @@
 /**
- * `deno task bench [restore|watch|compact|ship|all]`: runs the benchmarks, prints what was
+ * `deno task bench [restore|watch|compact|ship|s3|all]`: runs the benchmarks, prints what was
  * measured, the machine, each peer's figure, ours, the ratio and the issue's target (PASS/BELOW),
  * and writes the numbers to `bench/results/<date>.json`.
  *
@@ -9,15 +9,16 @@
  */
 import { runCompactBench } from "./compact.ts";
 import { runRestoreBench } from "./restore.ts";
+import { runS3Bench } from "./s3.ts";
 import { runShipBench } from "./ship.ts";
 import { canDropCaches, machineFacts, REPO_ROOT, run } from "./_util.ts";
 import { runWatchBench } from "./watch.ts";
 
-const USAGE = "usage: deno task bench [restore|watch|compact|ship|all]";
+const USAGE = "usage: deno task bench [restore|watch|compact|ship|s3|all]";
 
 async function main(args: string[]): Promise<number> {
   const which = args[0] ?? "all";
-  if (!["restore", "watch", "compact", "ship", "all"].includes(which) || args.length > 1) {
+  if (!["restore", "watch", "compact", "ship", "s3", "all"].includes(which) || args.length > 1) {
     console.error(USAGE);
     return 2;
   }
@@ -48,6 +49,7 @@ async function main(args: string[]): Promise<number> {
   if (which === "watch" || which === "all") results.watch = await runWatchBench();
   if (which === "compact" || which === "all") results.compact = await runCompactBench();
   if (which === "ship" || which === "all") results.ship = await runShipBench();
+  if (which === "s3" || which === "all") results.s3 = await runS3Bench();
   const dir = `${REPO_ROOT}/bench/results`;
   await Deno.mkdir(dir, { recursive: true });
   const path = `${dir}/${

@@ -35,6 +35,7 @@ import {
   run,
   syncAndDropCaches,
   verdict,
+  writeDataThenHole,
 } from "./_util.ts";
 
 const DEVICE_BYTES = GiB;
@@ -100,7 +101,10 @@ async function benchIn(scratch: string): Promise<RestoreBenchResult> {
   const devicePath = join(scratch, "device.img");
   const logdir = join(scratch, "logdir");
   const prng = new Prng(SEED);
-  await writeBaseImage(devicePath, prng);
+  await writeDataThenHole(devicePath, prng, {
+    dataBytes: BASE_DATA_BYTES,
+    deviceBytes: DEVICE_BYTES,
+  });
   const snapshot = await run([...CLI, "snapshot", devicePath, logdir, "--json"]);
   console.log(`snapshot: ${Math.round(snapshot.wallMs)} ms (CLI wall time, informational)`);
   const journal = await journalRandomWrites(devicePath, logdir, prng, {
@@ -268,20 +272,4 @@ export function printRestoreTable(r: RestoreBenchResult): void {
       r.rssVerdict,
     ],
   ]);
-}
-
-/** Writes the base image: random data over the first half, a hole over the rest. */
-async function writeBaseImage(path: string, prng: Prng): Promise<void> {
-  const file = await Deno.open(path, { write: true, create: true, truncate: true });
-  try {
-    const chunk = new Uint8Array(MiB);
-    for (let offset = 0; offset < BASE_DATA_BYTES; offset += chunk.length) {
-      prng.fill(chunk);
-      let written = 0;
-      while (written < chunk.length) written += await file.write(chunk.subarray(written));
-    }
-    await file.truncate(DEVICE_BYTES);
-  } finally {
-    file.close();
-  }
 }
