@@ -6,6 +6,7 @@
  * @module
  */
 import { createCRC32, type IHasher } from "hash-wasm";
+import { assert } from "./_assert.ts";
 
 const CRC32C_POLYNOMIAL = 0x82F63B78;
 /** CRC32C of the ASCII bytes "123456789", the standard check value. */
@@ -110,19 +111,25 @@ function multiplyModP(a: number, b: number): number {
   return product >>> 0;
 }
 
-/** x^(2^k) modulo the polynomial, for k = 0..31 (x^1 is 1 << 30 in reflected order). */
+/**
+ * x^(2^k) modulo the polynomial, for k = 0..63 (x^1 is 1 << 30 in reflected order). zlib keeps 32
+ * entries and wraps k, which relies on x^(2^32) ≡ x: true for its polynomial, false for the
+ * Castagnoli one (the wrap gave wrong results for runs of 512 MiB and more), so every k a safe
+ * integer byte count needs (3 + 53 bits) has its own entry.
+ */
 const X_POW_2K: number[] = (() => {
   const table = [1 << 30];
-  for (let k = 1; k < 32; k++) table.push(multiplyModP(table[k - 1], table[k - 1]));
+  for (let k = 1; k < 64; k++) table.push(multiplyModP(table[k - 1], table[k - 1]));
   return table;
 })();
 
 /** x^(8 × bytes) modulo the polynomial: what appending `bytes` zero bytes multiplies by. */
 function xPowBytes(bytes: number): number {
+  assert(Number.isSafeInteger(bytes) && bytes >= 0, `bad byte count ${bytes}`);
   let p = 0x8000_0000; // x^0
   let k = 3; // 8 × bytes = bytes × 2^3
   for (let n = bytes; n > 0; n = Math.floor(n / 2), k++) {
-    if (n % 2 === 1) p = multiplyModP(X_POW_2K[k & 31], p);
+    if (n % 2 === 1) p = multiplyModP(X_POW_2K[k], p);
   }
   return p;
 }
