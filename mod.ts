@@ -48,6 +48,7 @@ export * from "./lib/snapshot.ts";
 export * from "./lib/stale_socket.ts";
 export * from "./lib/sparse_copy.ts";
 export * from "./lib/store/object_store.ts";
+export * from "./lib/store/receive_to_store.ts";
 export * from "./lib/store/s3_store.ts";
 export * from "./lib/store/store_logdir.ts";
 export * from "./lib/store/store_copy.ts";

@@ -121,7 +121,12 @@ export class ServeProcess {
   readonly socketPath: string;
   readonly process: BackgroundProcess;
 
-  private constructor(logdir: string, socketPath: string, args: string[]) {
+  private constructor(
+    logdir: string,
+    socketPath: string,
+    args: string[],
+    env: Record<string, string> | undefined,
+  ) {
     this.socketPath = socketPath;
     this.process = new BackgroundProcess(Deno.execPath(), [
       "run",
@@ -132,12 +137,20 @@ export class ServeProcess {
       "--socket",
       socketPath,
       ...args,
-    ]);
+    ], { env });
   }
 
-  /** Starts serve and waits until it listens (throws with its output if it exits first). */
-  static async start(logdir: string, socketPath: string, args: string[]): Promise<ServeProcess> {
-    const serve = new ServeProcess(logdir, socketPath, args);
+  /**
+   * Starts serve (with `env` added to the environment) and waits until it listens (throws with
+   * its output if it exits first).
+   */
+  static async start(
+    logdir: string,
+    socketPath: string,
+    args: string[],
+    env?: Record<string, string>,
+  ): Promise<ServeProcess> {
+    const serve = new ServeProcess(logdir, socketPath, args, env);
     try {
       await waitFor(
         async () => {

@@ -163,10 +163,11 @@ export class CliProcess {
   #status: Promise<Deno.CommandStatus>;
   exited: Deno.CommandStatus | undefined;
 
-  constructor(args: string[]) {
+  constructor(args: string[], options: { env?: Record<string, string> } = {}) {
     this.args = args;
     this.child = new Deno.Command(Deno.execPath(), {
       args: ["run", "-A", CLI_MAIN, ...args],
+      env: options.env,
       cwd: REPO_DIR,
       stdin: "null",
       stdout: "piped",
@@ -260,8 +261,12 @@ export async function startReceive(
   storedir: string,
   args: string[] = [],
   port = 0,
+  env?: Record<string, string>,
 ): Promise<{ process: CliProcess; port: number }> {
-  const process = new CliProcess(["receive", storedir, "--listen", `127.0.0.1:${port}`, ...args]);
+  const process = new CliProcess(
+    ["receive", storedir, "--listen", `127.0.0.1:${port}`, ...args],
+    { env },
+  );
   try {
     const match = await process.waitFor(/listening on [^:]+:(\d+)/);
     return { process, port: Number(match[1]) };

@@ -521,10 +521,11 @@ export class BackgroundProcess {
   #status: Promise<Deno.CommandStatus>;
   #exited: Deno.CommandStatus | undefined;
 
-  constructor(command: string, args: string[]) {
+  constructor(command: string, args: string[], options: { env?: Record<string, string> } = {}) {
     this.command = command;
     this.child = new Deno.Command(command, {
       args,
+      env: options.env,
       cwd: REPO_DIR,
       stdin: "null",
       stdout: "piped",

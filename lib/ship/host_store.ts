@@ -70,6 +70,9 @@ export class HostStore {
   #lock: LogdirLock;
   #writer: LogdirWriter | undefined;
   #install: StateInstall | undefined;
+  /** A {@linkcode HostStore.seal} in progress (close and installs wait for it). */
+  #sealRun: Promise<unknown> | undefined;
+  #closing = false;
 
   private constructor(
     storedir: string,
@@ -135,9 +138,30 @@ export class HostStore {
     return state;
   }
 
+  /**
+   * Seals the live segment (while the session goes on appending), so that every entry appended
+   * so far is in a sealed segment that `shipToStore` uploads. Returns the first seq of the new
+   * live segment, or undefined when there is nothing to seal: no copy yet, a state install
+   * running, or the store closing.
+   */
+  async seal(): Promise<number | undefined> {
+    const writer = this.#writer;
+    if (this.#closing || this.#install !== undefined || writer === undefined) return undefined;
+    const run = writer.rotate();
+    const settled = run.then(() => {}, () => {});
+    this.#sealRun = settled;
+    try {
+      return await run;
+    } finally {
+      if (this.#sealRun === settled) this.#sealRun = undefined;
+    }
+  }
+
   /** Starts installing a new state in the incoming directory. */
   async beginState(begin: StateBegin): Promise<StateInstall> {
     assert(this.#install === undefined, "a state install is already running");
+    // The install closes and reopens the writer: a seal in progress ends first.
+    await this.#sealRun;
     const paths = hostPaths(this.storedir, this.hostId);
     let incomingLock = this.#writer === undefined ? this.#lock : undefined;
     if (incomingLock === undefined) {
@@ -162,6 +186,7 @@ export class HostStore {
   async swapIn(install: StateInstall, incomingLock: LogdirLock): Promise<void> {
     assert(this.#install === install, "swapIn of an install that is not running");
     const paths = hostPaths(this.storedir, this.hostId);
+    await this.#sealRun;
     if (this.#writer !== undefined) {
       await this.#writer.close();
       this.#writer = undefined;
@@ -212,7 +237,9 @@ export class HostStore {
    * directory behind (a refused or aborted first ship creates nothing in the store).
    */
   async close(): Promise<void> {
+    this.#closing = true;
     try {
+      await this.#sealRun;
       await this.#install?.abort();
       if (this.#writer !== undefined) {
         await this.#writer.close();

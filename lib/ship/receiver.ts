@@ -63,6 +63,8 @@ export const RECEIVE_IDLE_MS_MAX = 120_000;
 export const RECEIVE_CONNECTIONS_MAX = 64;
 /** How long a new session waits for the same host's previous session to end before "busy". */
 const BUSY_WAIT_MS = 2_000;
+/** How often a session retries a host lock that another process holds, within BUSY_WAIT_MS. */
+const BUSY_RETRY_MS = 50;
 /** Longest the receiver waits to deliver an ERROR frame to a peer it is refusing. */
 const REFUSAL_WRITE_MS_MAX = 2_000;
 
@@ -127,7 +129,10 @@ export class Receiver {
   readonly limits: ReceiverLimits;
   #listener: Deno.Listener;
   #sessions = new Set<Session>();
-  #hosts = new Map<string, Session>();
+  /** Who holds each host: its session, or a {@linkcode Receiver.sealHost} between sessions. */
+  #hosts = new Map<string, HostHolder>();
+  /** Per host, a counter that moves whenever the host's copy changes (see hostActivity). */
+  #activity = new Map<string, number>();
   #nextConnectionId = 1;
   #closing: Promise<void> | undefined;
   #acceptLoop: Promise<void>;
@@ -238,6 +243,57 @@ export class Receiver {
   }
 
   /**
+   * Seals the live segment of host `hostId`'s copy, so that every entry acked so far is in a
+   * sealed segment (what an upload to object storage ships). With a session running, its writer
+   * rotates while appends go on; between sessions the host is reserved for a moment (a session
+   * connecting meanwhile waits) and its copy opened as writer to rotate. Returns who sealed:
+   * `session`, `receiver`, or `none` (no copy, a state install running, or another process such
+   * as a compaction holding the copy's lock: only sealed segments are there to upload).
+   */
+  async sealHost(hostId: string): Promise<"session" | "receiver" | "none"> {
+    const holder = this.#hosts.get(hostId);
+    if (holder instanceof Session) {
+      return (await holder.seal()) === undefined ? "none" : "session";
+    }
+    if (holder !== undefined) return "none";
+    let release!: () => void;
+    const sealing: HostHolder = { done: new Promise<void>((resolve) => release = resolve) };
+    this.#hosts.set(hostId, sealing);
+    try {
+      let store: HostStore;
+      try {
+        store = await HostStore.claim(this.options.storedir, hostId, {
+          segmentBytesMax: this.options.segmentBytesMax,
+        });
+      } catch (error) {
+        if (error instanceof BusyError) return "none";
+        throw error;
+      }
+      try {
+        return (await store.seal()) === undefined ? "none" : "receiver";
+      } finally {
+        await store.close();
+      }
+    } finally {
+      this.#hosts.delete(hostId);
+      release();
+    }
+  }
+
+  /**
+   * A number that changes whenever host `hostId`'s copy gets entries or a new state through this
+   * receiver (0 before any): an uploader that saw the same number before needs no new round.
+   */
+  hostActivity(hostId: string): number {
+    return this.#activity.get(hostId) ?? 0;
+  }
+
+  /** Counts a change of host `hostId`'s copy (see {@linkcode Receiver.hostActivity}). */
+  noteActivity(hostId: string): void {
+    this.#activity.set(hostId, this.hostActivity(hostId) + 1);
+  }
+
+  /**
    * Reserves `hostId` for `session`, waiting briefly for a previous session of the same host to
    * end (a restarted sender often connects before the receiver has seen the old connection drop).
    */
@@ -260,6 +316,11 @@ export class Receiver {
   releaseHost(hostId: string, session: Session): void {
     if (this.#hosts.get(hostId) === session) this.#hosts.delete(hostId);
   }
+}
+
+/** What holds a host in the receiver: a session, or a seal between sessions. */
+interface HostHolder {
+  readonly done: Promise<void>;
 }
 
 function formatAddr(addr: Deno.Addr): string {
@@ -371,6 +432,11 @@ class Session {
       this.#finished = true;
       this.#resolveDone();
     }
+  }
+
+  /** Seals the host's live segment (see {@linkcode HostStore.seal}). */
+  seal(): Promise<number | undefined> {
+    return this.#store?.seal() ?? Promise.resolve(undefined);
   }
 
   /** Stops after the frame in progress: fsync, final ack, an ERROR "shutdown", close. */
@@ -537,13 +603,20 @@ class Session {
       );
     }
     this.#hostId = hostId;
-    try {
-      this.#store = await HostStore.claim(this.#receiver.options.storedir, hostId, {
-        segmentBytesMax: this.#receiver.options.segmentBytesMax,
-      });
-    } catch (error) {
-      if (error instanceof BusyError) throw new Refusal("busy", error.message);
-      throw error;
+    // Another process may hold the copy's lock for a moment (an upload round sealing it, a
+    // compaction's seal): wait a little before refusing.
+    const deadlineMs = Date.now() + BUSY_WAIT_MS;
+    for (;;) {
+      try {
+        this.#store = await HostStore.claim(this.#receiver.options.storedir, hostId, {
+          segmentBytesMax: this.#receiver.options.segmentBytesMax,
+        });
+        return;
+      } catch (error) {
+        if (!(error instanceof BusyError)) throw error;
+        if (Date.now() >= deadlineMs) throw new Refusal("busy", error.message);
+      }
+      await new Promise((resolve) => setTimeout(resolve, BUSY_RETRY_MS));
     }
   }
 
@@ -599,6 +672,7 @@ class Session {
     switch (frame.type) {
       case FRAME_TYPES.ENTRIES:
         await this.#appendEntries(frame);
+        this.#receiver.noteActivity(this.#hostId!);
         this.#scheduleAck();
         return;
       case FRAME_TYPES.PING:
@@ -670,6 +744,7 @@ class Session {
     const previous = await this.#store!.state();
     const manifest = await install.commit();
     this.#install = undefined;
+    this.#receiver.noteActivity(this.#hostId!);
     const moved = previous.present && previous.horizonUs !== manifest.horizonUs
       ? `; horizon moved from ${formatTimeUtc(previous.horizonUs!)} to ${
         formatTimeUtc(manifest.horizonUs)
