@@ -39,6 +39,8 @@ export { isS3Url, parseS3Url, type S3Location } from "./s3_url.ts";
 export const MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024;
 /** The size of each part of a multipart upload (S3's minimum is 5 MiB). */
 export const PART_BYTES = 8 * 1024 * 1024;
+/** Parts of one multipart upload in flight at once (each holds a buffer of PART_BYTES). */
+export const PARTS_IN_FLIGHT_MAX = 4;
 /** S3 allows at most this many parts in one upload. */
 const PARTS_MAX = 10_000;
 /** Attempts of one request, with the SDK's exponential backoff between them. */
@@ -217,24 +219,43 @@ export class S3Store implements ObjectStore {
       );
       uploadId = created.UploadId;
       assert(uploadId !== undefined, "CreateMultipartUpload returned no UploadId");
-      // One buffer for every part: parts go up one at a time, so memory stays at one part.
-      const buffer = new Uint8Array(partBytes);
-      const parts: { ETag: string | undefined; PartNumber: number }[] = [];
-      for (let offset = 0, number = 1; offset < sizeBytes; offset += partBytes, number++) {
-        const length = Math.min(partBytes, sizeBytes - offset);
-        readFully(fd, buffer, length, offset);
-        const part = await this.#client.send(
-          new UploadPartCommand({
-            Bucket: this.bucket,
-            Key: key,
-            UploadId: uploadId,
-            PartNumber: number,
-            Body: buffer.subarray(0, length),
-          }),
-        );
-        parts.push({ ETag: part.ETag, PartNumber: number });
-        options.onProgress?.(offset + length, sizeBytes);
-      }
+      // Up to PARTS_IN_FLIGHT_MAX parts go up at once, each from a buffer of its own: memory stays
+      // at that many parts whatever the object's size.
+      const partCount = Math.ceil(sizeBytes / partBytes);
+      const parts: { ETag: string | undefined; PartNumber: number }[] = new Array(partCount);
+      let nextIndex = 0;
+      let doneBytes = 0;
+      let failed = false;
+      const worker = async () => {
+        const buffer = new Uint8Array(partBytes);
+        while (nextIndex < partCount && !failed) {
+          const index = nextIndex++;
+          const offset = index * partBytes;
+          const length = Math.min(partBytes, sizeBytes - offset);
+          readFully(fd, buffer, length, offset);
+          try {
+            const part = await this.#client.send(
+              new UploadPartCommand({
+                Bucket: this.bucket,
+                Key: key,
+                UploadId: uploadId,
+                PartNumber: index + 1,
+                Body: buffer.subarray(0, length),
+              }),
+            );
+            parts[index] = { ETag: part.ETag, PartNumber: index + 1 };
+          } catch (error) {
+            failed = true;
+            throw error;
+          }
+          doneBytes += length;
+          options.onProgress?.(doneBytes, sizeBytes);
+        }
+      };
+      const workers = Math.min(PARTS_IN_FLIGHT_MAX, partCount);
+      const outcomes = await Promise.allSettled(Array.from({ length: workers }, worker));
+      const rejected = outcomes.find((outcome) => outcome.status === "rejected");
+      if (rejected !== undefined) throw (rejected as PromiseRejectedResult).reason;
       await this.#client.send(
         new CompleteMultipartUploadCommand({
           Bucket: this.bucket,
