@@ -21,7 +21,10 @@ export interface RangedObject {
   key: string;
   /** The size the manifest says; a larger or smaller object is an {@linkcode IntegrityError}. */
   sizeBytes: number;
-  /** Receives each part; parts arrive in any order, never two at once for the same bytes. */
+  /**
+   * Receives each part; parts arrive in any order, never two at once for the same bytes. `bytes`
+   * is a reused buffer: it is valid only until onPart returns.
+   */
   onPart(offsetBytes: number, bytes: Uint8Array): void;
 }
 
@@ -63,9 +66,11 @@ export async function getRanged(
   const parts = partsOf(objects, partBytes);
   let failure: { error: unknown } | undefined;
   const worker = async () => {
+    // One buffer per worker, reused for every part it fetches (one byte more: see getPart).
+    const buffer = new Uint8Array(partBytes + 1);
     for (let next = parts.next(); !next.done && failure === undefined; next = parts.next()) {
       try {
-        await getPart(store, next.value, options);
+        await getPart(store, next.value, options, buffer);
       } catch (error) {
         failure ??= { error };
       }
@@ -86,7 +91,12 @@ function* partsOf(objects: readonly RangedObject[], partBytes: number): Generato
   }
 }
 
-async function getPart(store: ObjectStore, part: Part, options: RangedGetOptions): Promise<void> {
+async function getPart(
+  store: ObjectStore,
+  part: Part,
+  options: RangedGetOptions,
+  buffer: Uint8Array,
+): Promise<void> {
   const { object, offsetBytes, lengthBytes } = part;
   if (object.sizeBytes === 0) {
     // An empty range cannot be asked for: only check that the object is there and empty.
@@ -99,10 +109,11 @@ async function getPart(store: ObjectStore, part: Part, options: RangedGetOptions
   const isLast = offsetBytes + lengthBytes === object.sizeBytes;
   let bytes: Uint8Array | undefined;
   try {
+    // The buffer has room for one byte more than a part, so a reply longer than asked shows.
     bytes = await store.get(object.key, {
       offsetBytes,
       lengthBytes: isLast ? lengthBytes + 1 : lengthBytes,
-    });
+    }, buffer.subarray(0, lengthBytes + 1));
   } catch (error) {
     // 416: the range starts past the object's end.
     if (error instanceof StoreError && statusOf(error.cause) === 416) {

@@ -27,7 +27,7 @@ export const LEASE_TTL_MS = 30_000;
 /** The owner renews its lease this often. */
 export const LEASE_RENEW_MS = 10_000;
 /** Without conditional writes: wait this long after writing a lease before reading it back. */
-export const LEASE_SETTLE_MS = 300;
+export const LEASE_SETTLE_MS = 100;
 /** A waiting {@linkcode StoreLease.acquire} looks again this often. */
 const LEASE_POLL_MS = 250;
 /** Lease objects are tiny; anything larger is not one of ours. */

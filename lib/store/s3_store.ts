@@ -274,13 +274,23 @@ export class S3Store implements ObjectStore {
     }
   }
 
-  async get(key: string, range?: ByteRange): Promise<Uint8Array | undefined> {
+  async get(key: string, range?: ByteRange, into?: Uint8Array): Promise<Uint8Array | undefined> {
     try {
       const reply = await this.#client.send(
         new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: rangeHeader(range) }),
       );
       assert(reply.Body !== undefined, "GetObject returned no body");
-      return await reply.Body.transformToByteArray();
+      if (into === undefined) return await reply.Body.transformToByteArray();
+      // Small chunks copied into the caller's buffer: no large allocation per part, which V8
+      // would keep until a full collection (hundreds of MB over a restore).
+      let position = 0;
+      for await (const chunk of reply.Body as AsyncIterable<Uint8Array>) {
+        const room = into.length - position;
+        into.set(room < chunk.length ? chunk.subarray(0, room) : chunk, position);
+        position += Math.min(room, chunk.length);
+        if (position === into.length) break; // longer than asked: the caller sees it
+      }
+      return into.subarray(0, position);
     } catch (error) {
       if (isNotFound(error)) return undefined;
       throw this.#error("download", this.describe(key), error);

@@ -281,6 +281,11 @@ export async function commitManifest(
   options: { retryDelaysMs?: readonly number[]; onRetry?: ShipToStoreOptions["onRetry"] },
   compose: (current: Manifest | undefined) => Manifest,
 ): Promise<ManifestCommit> {
+  // Nothing to change (a ship round with nothing new): no lease needed to say so.
+  const before = await readStoreManifest(target);
+  const unchanged = before !== undefined &&
+    encodeManifest(compose(before)) === encodeManifest(before);
+  if (unchanged) return { manifest: before, changed: false, retired: [] };
   return await withLease(
     target,
     "manifest",
