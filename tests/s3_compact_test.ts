@@ -43,6 +43,10 @@ Deno.test({
         () => withTempDir((dir) => compactKeepsEveryLaterTime(swift, dir)),
       );
       await t.step(
+        "a local compaction that folded unshipped entries: ship mirrors the logdir and retires the rest",
+        () => withTempDir((dir) => mirrorAfterLocalCompaction(swift, dir)),
+      );
+      await t.step(
         "a restore while compact runs on the same prefix completes correctly",
         () => withTempDir((dir) => restoreDuringCompaction(swift, dir)),
       );
@@ -178,6 +182,39 @@ async function compactKeepsEveryLaterTime(swift: SwiftNode, dir: string): Promis
     }
     assert.deepEqual(records, [], "retire records removed with their objects");
     await assertRestores(swift, w, url, dir, [160, 175, w.history.length - 1], "second compact");
+  } finally {
+    target.store.close();
+  }
+}
+
+async function mirrorAfterLocalCompaction(swift: SwiftNode, dir: string): Promise<void> {
+  const { w, url, random, seed } = await shippedWorkload(swift, dir, "mirror/vm1", 60);
+  const target = { store: swift.store(BUCKET), prefix: "mirror/vm1" };
+  try {
+    const before = (await readStoreManifest(target))!;
+    await appendSteps(w, random, 60);
+    // Fold past what the store holds: no local segment continues the store's log any more.
+    const compact = await runCli([
+      "compact",
+      w.logdir,
+      "--before",
+      formatTimeUtc(w.history[100].timeUs),
+    ]);
+    assert.deepEqual(compact.code, 0, compact.stderr);
+    const ship = await runCli(["ship", w.logdir, url, "--json"], { env: swift.env });
+    assert.deepEqual(ship.code, 0, `[seed ${seed}] ${ship.stderr}`);
+    const shipped = JSON.parse(ship.stdout);
+    assert.deepEqual(shipped.mode, "mirror");
+    assert.ok(shipped.objectsRetired >= before.segments.length, ship.stdout);
+    const after = (await readStoreManifest(target))!;
+    assert.deepEqual(after.levels.length, 1);
+    await assertRestores(swift, w, url, dir, [100, 110, w.history.length - 1], "mirrored store");
+    // The retired objects go with the next store compaction once their grace has passed.
+    const sweep = await sweepRetired(target, { graceMs: 0 });
+    assert.ok(sweep.objectsDeleted >= before.segments.length, JSON.stringify(sweep));
+    const named = [...manifestObjectNames(after)].map((name) => objectKey(target, name)).sort();
+    assert.deepEqual(await dataKeys(target), named);
+    await assertRestores(swift, w, url, dir, [w.history.length - 1], "after the sweep");
   } finally {
     target.store.close();
   }

@@ -111,6 +111,23 @@ async function storeBasics(swift: SwiftNode): Promise<void> {
       assert.deepEqual(progress.length, 3, "three parts");
       assert.deepEqual(await store.getToFile("basics/big", join(dir, "back")), big.length);
       assertBytesEqual(readAll(join(dir, "back")), big, "downloaded multipart object");
+      // 3 MiB: above the buffered size, below the multipart threshold: one streamed PutObject.
+      const medium = big.subarray(0, 3 * 1024 * 1024 + 5);
+      await Deno.writeFile(join(dir, "medium"), medium);
+      const mediumProgress: number[] = [];
+      assert.deepEqual(
+        await store.putFile("basics/medium", join(dir, "medium"), {
+          onProgress: (done) => mediumProgress.push(done),
+        }),
+        medium.length,
+      );
+      assert.deepEqual(mediumProgress, [medium.length]);
+      assertBytesEqual(
+        (await store.get("basics/medium"))!,
+        medium,
+        "streamed object",
+      );
+      await store.delete("basics/medium");
       const range = await store.get("basics/big", {
         offsetBytes: 6 * 1024 * 1024 - 2,
         lengthBytes: 4,

@@ -36,7 +36,13 @@ export { StoreError } from "./object_store.ts";
 export { isS3Url, parseS3Url, type S3Location } from "./s3_url.ts";
 
 /** Objects larger than this are uploaded in parts (multipart upload). */
-export const MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024;
+export const MULTIPART_THRESHOLD_BYTES = 256 * 1024 * 1024;
+/**
+ * Objects up to this size go up from a buffer (the SDK may resend it); larger ones, up to the
+ * multipart threshold, are streamed from the file in one PutObject: fewer requests than parts
+ * (Swift assembles multipart objects at a cost) and no buffer of the object's size.
+ */
+export const BUFFERED_PUT_BYTES_MAX = 1024 * 1024;
 /** The size of each part of a multipart upload (S3's minimum is 5 MiB). */
 export const PART_BYTES = 8 * 1024 * 1024;
 /** Parts of one multipart upload in flight at once (each holds a buffer of PART_BYTES). */
@@ -83,6 +89,8 @@ export class S3Store implements ObjectStore {
   readonly bucket: string;
   readonly endpoint: string;
   #client: S3Client;
+  /** For streamed PutObject: one attempt, since a consumed stream cannot be sent again. */
+  #streamClient: S3Client;
   #multipartThresholdBytes: number;
   #partBytes: number;
   /** Whether the store does conditional writes: unknown until the first one. */
@@ -101,19 +109,24 @@ export class S3Store implements ObjectStore {
         `Invalid --s3-endpoint ${JSON.stringify(endpoint)}: expected http(s)://host[:port]`,
       );
     }
-    this.#client = new S3Client({
+    const config = {
       endpoint,
       region: options.region ?? envValue("AWS_REGION") ?? envValue("AWS_DEFAULT_REGION") ??
         "us-east-1",
       forcePathStyle: options.forcePathStyle ?? endpoint !== undefined,
       credentials: options.credentials,
-      maxAttempts: options.attemptsMax ?? REQUEST_ATTEMPTS_MAX,
       // Swift's s3api (and other S3-compatible stores) answer 501 to the aws-chunked uploads
       // that the SDK's default checksums bring; send checksums only where the API requires one.
-      requestChecksumCalculation: "WHEN_REQUIRED",
-      responseChecksumValidation: "WHEN_REQUIRED",
+      requestChecksumCalculation: "WHEN_REQUIRED" as const,
+      responseChecksumValidation: "WHEN_REQUIRED" as const,
       requestHandler: { connectionTimeout: CONNECT_TIMEOUT_MS, requestTimeout: REQUEST_TIMEOUT_MS },
+    };
+    this.#client = new S3Client({
+      ...config,
+      maxAttempts: options.attemptsMax ?? REQUEST_ATTEMPTS_MAX,
     });
+    // Retries of a streamed upload are the caller's (ship retries the whole object).
+    this.#streamClient = new S3Client({ ...config, maxAttempts: 1 });
   }
 
   describe(key: string): string {
@@ -191,10 +204,15 @@ export class S3Store implements ObjectStore {
       const fileBytes = fs.fstatSync(fd).size;
       const sizeBytes = options.sizeBytes ?? fileBytes;
       assert(sizeBytes <= fileBytes, `${path} is ${fileBytes} bytes, fewer than ${sizeBytes}`);
-      if (sizeBytes <= this.#multipartThresholdBytes) {
+      if (sizeBytes <= Math.min(BUFFERED_PUT_BYTES_MAX, this.#multipartThresholdBytes)) {
         const bytes = new Uint8Array(sizeBytes);
         readFully(fd, bytes, sizeBytes, 0);
         await this.put(key, bytes);
+        options.onProgress?.(sizeBytes, sizeBytes);
+        return sizeBytes;
+      }
+      if (sizeBytes <= this.#multipartThresholdBytes) {
+        await this.#putStreamed(key, path, sizeBytes);
         options.onProgress?.(sizeBytes, sizeBytes);
         return sizeBytes;
       }
@@ -202,6 +220,24 @@ export class S3Store implements ObjectStore {
       return sizeBytes;
     } finally {
       fs.closeSync(fd);
+    }
+  }
+
+  async #putStreamed(key: string, path: string, sizeBytes: number): Promise<void> {
+    const body = fs.createReadStream(path, { start: 0, end: sizeBytes - 1 });
+    try {
+      await this.#streamClient.send(
+        new PutObjectCommand({
+          Bucket: this.bucket,
+          Key: key,
+          Body: body,
+          ContentLength: sizeBytes,
+        }),
+      );
+    } catch (error) {
+      throw this.#error("upload", this.describe(key), error);
+    } finally {
+      body.destroy();
     }
   }
 
@@ -369,6 +405,7 @@ export class S3Store implements ObjectStore {
   /** Closes the client's connections. */
   close(): void {
     this.#client.destroy();
+    this.#streamClient.destroy();
   }
 
   #error(action: string, what: string, error: unknown): Error {
