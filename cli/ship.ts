@@ -166,6 +166,13 @@ async function shipToS3(logdir: string, url: string, flags: ShipFlags): Promise<
       result.manifestUploaded ? ", manifest updated" : ", manifest unchanged"
     }, in ${result.durationMs} ms`,
   );
+  if (result.mode === "mirror" && result.objectsRetired > 0) {
+    say(
+      `sectorlog ship: the logdir no longer continues the store's log (a local compaction folded ` +
+        `entries it never got): the store now mirrors it; ${result.objectsRetired} objects retired ` +
+        "(the next `compact` of the store deletes them after its grace period)",
+    );
+  }
 }
 
 /** Rounds until SIGINT/SIGTERM; each round's lag on stderr (and a JSON line with --json). */

@@ -67,10 +67,11 @@ export async function getRanged(
   let failure: { error: unknown } | undefined;
   const worker = async () => {
     // One buffer per worker, reused for every part it fetches (one byte more: see getPart).
-    const buffer = new Uint8Array(partBytes + 1);
+    // The store may transfer it (BYOB reads): getPart hands back the buffer to use next.
+    let buffer: Uint8Array = new Uint8Array(partBytes + 1);
     for (let next = parts.next(); !next.done && failure === undefined; next = parts.next()) {
       try {
-        await getPart(store, next.value, options, buffer);
+        buffer = await getPart(store, next.value, options, buffer);
       } catch (error) {
         failure ??= { error };
       }
@@ -96,15 +97,16 @@ async function getPart(
   part: Part,
   options: RangedGetOptions,
   buffer: Uint8Array,
-): Promise<void> {
+): Promise<Uint8Array> {
   const { object, offsetBytes, lengthBytes } = part;
   if (object.sizeBytes === 0) {
     // An empty range cannot be asked for: only check that the object is there and empty.
     const info = await store.head(object.key);
     if (info === undefined) throw missingObject(store, object.key, options.namedBy);
     if (info.sizeBytes !== 0) throw wrongSize(store, object, `is ${info.sizeBytes} bytes`);
-    return;
+    return buffer;
   }
+  const size = buffer.length;
   // The last part asks for one byte more: an object longer than the manifest says answers with it.
   const isLast = offsetBytes + lengthBytes === object.sizeBytes;
   let bytes: Uint8Array | undefined;
@@ -128,6 +130,11 @@ async function getPart(
   }
   object.onPart(offsetBytes, bytes);
   options.onPart?.(lengthBytes);
+  // A store that read BYOB transferred the buffer to `bytes`; one that copied left it as it was.
+  if (buffer.buffer.byteLength > 0) return buffer;
+  return bytes.buffer.byteLength >= size
+    ? new Uint8Array(bytes.buffer as ArrayBuffer, 0, size)
+    : new Uint8Array(size);
 }
 
 /** The error for an object a manifest names that is not in the store. */

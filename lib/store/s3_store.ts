@@ -19,6 +19,7 @@ import {
   S3Client,
   UploadPartCommand,
 } from "@aws-sdk/client-s3";
+import { FetchHttpHandler } from "@smithy/fetch-http-handler";
 import { assert } from "../_assert.ts";
 import { UsageError } from "../errors.ts";
 import { readFully } from "../format/segment.ts";
@@ -91,6 +92,8 @@ export class S3Store implements ObjectStore {
   #client: S3Client;
   /** For streamed PutObject: one attempt, since a consumed stream cannot be sent again. */
   #streamClient: S3Client;
+  /** For GETs into a caller's buffer: fetch-based, so replies can be read BYOB. */
+  #readClient: S3Client;
   #multipartThresholdBytes: number;
   #partBytes: number;
   /** Whether the store does conditional writes: unknown until the first one. */
@@ -127,6 +130,11 @@ export class S3Store implements ObjectStore {
     });
     // Retries of a streamed upload are the caller's (ship retries the whole object).
     this.#streamClient = new S3Client({ ...config, maxAttempts: 1 });
+    this.#readClient = new S3Client({
+      ...config,
+      maxAttempts: options.attemptsMax ?? REQUEST_ATTEMPTS_MAX,
+      requestHandler: new FetchHttpHandler({ requestTimeout: REQUEST_TIMEOUT_MS }),
+    });
   }
 
   describe(key: string): string {
@@ -312,25 +320,68 @@ export class S3Store implements ObjectStore {
 
   async get(key: string, range?: ByteRange, into?: Uint8Array): Promise<Uint8Array | undefined> {
     try {
+      if (into !== undefined) return await this.#getInto(key, range, into);
       const reply = await this.#client.send(
         new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: rangeHeader(range) }),
       );
       assert(reply.Body !== undefined, "GetObject returned no body");
-      if (into === undefined) return await reply.Body.transformToByteArray();
-      // Small chunks copied into the caller's buffer: no large allocation per part, which V8
-      // would keep until a full collection (hundreds of MB over a restore).
-      let position = 0;
-      for await (const chunk of reply.Body as AsyncIterable<Uint8Array>) {
-        const room = into.length - position;
-        into.set(room < chunk.length ? chunk.subarray(0, room) : chunk, position);
-        position += Math.min(room, chunk.length);
-        if (position === into.length) break; // longer than asked: the caller sees it
-      }
-      return into.subarray(0, position);
+      return await reply.Body.transformToByteArray();
     } catch (error) {
       if (isNotFound(error)) return undefined;
       throw this.#error("download", this.describe(key), error);
     }
+  }
+
+  /**
+   * A GET through the fetch-based client, read with a BYOB reader straight into `into`: no
+   * buffer per chunk. (The node:http client hands out a fresh chunk per read, which V8 frees only
+   * at its next full collection: over a restore, 100+ MB of floating garbage.) The reads transfer
+   * `into`'s buffer: the returned view is on the buffer to reuse.
+   */
+  async #getInto(
+    key: string,
+    range: ByteRange | undefined,
+    into: Uint8Array,
+  ): Promise<Uint8Array> {
+    const reply = await this.#readClient.send(
+      new GetObjectCommand({ Bucket: this.bucket, Key: key, Range: rangeHeader(range) }),
+    );
+    assert(reply.Body !== undefined, "GetObject returned no body");
+    const body = reply.Body as unknown as ReadableStream<Uint8Array>;
+    let buffer = into.buffer as ArrayBuffer;
+    // `into` is detached by the first BYOB read: its extent is kept here.
+    const start = into.byteOffset;
+    const capacity = into.length;
+    let position = 0;
+    let reader: ReadableStreamBYOBReader | ReadableStreamDefaultReader<Uint8Array>;
+    try {
+      reader = body.getReader({ mode: "byob" });
+    } catch {
+      reader = body.getReader(); // not a byte stream: copy the chunks
+    }
+    try {
+      while (position < capacity) {
+        if (reader instanceof ReadableStreamBYOBReader) {
+          const view = new Uint8Array(buffer, start + position, capacity - position);
+          const { done, value } = await reader.read(view);
+          if (value !== undefined) buffer = value.buffer as ArrayBuffer;
+          if (done || value === undefined) break;
+          position += value.length;
+        } else {
+          const { done, value } = await reader.read();
+          if (done) break;
+          const room = capacity - position;
+          new Uint8Array(buffer, start + position, Math.min(room, value.length))
+            .set(room < value.length ? value.subarray(0, room) : value);
+          position += Math.min(room, value.length);
+        }
+      }
+      // Full: a longer reply than asked for (the caller sees the extra byte); drop the rest.
+      if (position === capacity) await reader.cancel().catch(() => {});
+    } finally {
+      reader.releaseLock();
+    }
+    return new Uint8Array(buffer, start, position);
   }
 
   async getToFile(key: string, path: string): Promise<number | undefined> {
@@ -406,6 +457,7 @@ export class S3Store implements ObjectStore {
   close(): void {
     this.#client.destroy();
     this.#streamClient.destroy();
+    this.#readClient.destroy();
   }
 
   #error(action: string, what: string, error: unknown): Error {
