@@ -63,7 +63,12 @@ export const RECEIVE_IDLE_MS_MAX = 120_000;
 export const RECEIVE_CONNECTIONS_MAX = 64;
 /** How long a new session waits for the same host's previous session to end before "busy". */
 const BUSY_WAIT_MS = 2_000;
-/** How often a session retries a host lock that another process holds, within BUSY_WAIT_MS. */
+/**
+ * How long a new session waits for a host copy's lock that another process holds for a moment
+ * (an upload round's or a compaction's seal, which can take seconds on a loaded machine).
+ */
+const HOST_LOCK_WAIT_MS = 10_000;
+/** How often a session retries that lock within HOST_LOCK_WAIT_MS. */
 const BUSY_RETRY_MS = 50;
 /** Longest the receiver waits to deliver an ERROR frame to a peer it is refusing. */
 const REFUSAL_WRITE_MS_MAX = 2_000;
@@ -605,7 +610,7 @@ class Session {
     this.#hostId = hostId;
     // Another process may hold the copy's lock for a moment (an upload round sealing it, a
     // compaction's seal): wait a little before refusing.
-    const deadlineMs = Date.now() + BUSY_WAIT_MS;
+    const deadlineMs = Date.now() + HOST_LOCK_WAIT_MS;
     for (;;) {
       try {
         this.#store = await HostStore.claim(this.#receiver.options.storedir, hostId, {
