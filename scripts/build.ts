@@ -26,7 +26,8 @@ export const BINARY_PATH: string = join(REPO_DIR, "dist", "sectorlog");
  * What sectorlog may do, narrower than `-A`: read and write devices, images, logdirs and keys
  * anywhere; listen and connect (NBD, ship, receive); environment (SECTORLOG_* and what npm
  * packages look at); FFI for lseek(SEEK_DATA) in lib/data_extents.ts; the hostname (a logdir's
- * default host id). It spawns no processes, so no `--allow-run`.
+ * default host id, a lease's holder) and the OS name and release (the AWS SDK's user agent, for
+ * s3:// logdirs). It spawns no processes, so no `--allow-run`.
  */
 export const PERMISSIONS: readonly string[] = [
   "--allow-read",
@@ -34,7 +35,7 @@ export const PERMISSIONS: readonly string[] = [
   "--allow-net",
   "--allow-env",
   "--allow-ffi",
-  "--allow-sys=hostname",
+  "--allow-sys=hostname,osRelease,homedir",
 ];
 
 const ENTRY_POINT = join(REPO_DIR, "cli", "main.ts");

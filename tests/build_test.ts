@@ -218,3 +218,28 @@ Deno.test("binary: is one executable file that runs from any directory", {
     assert.equal(result.stderr, "");
   });
 });
+
+test(
+  "s3:// commands load the AWS SDK and report an unreachable endpoint in one line",
+  [],
+  async (runner) => {
+    await withTempDir(async (dir) => {
+      const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+      const port = (listener.addr as Deno.NetAddr).port;
+      listener.close(); // nothing listens there now
+      const [command, prefix] = await runner.command();
+      const result = await run(command, [
+        ...prefix,
+        "restore",
+        "s3://backups/vm1",
+        join(dir, "out.img"),
+        "--s3-endpoint",
+        `http://127.0.0.1:${port}`,
+      ], { env: { AWS_ACCESS_KEY_ID: "id", AWS_SECRET_ACCESS_KEY: "secret" } });
+      assert.equal(result.code, 1, result.stderr);
+      // Not a missing permission of the binary (NotCapable): the store could not be reached.
+      assert.match(result.stderr, /^sectorlog: Cannot open s3:\/\/backups: cannot reach /);
+      assert.doesNotMatch(result.stderr, /NotCapable|--allow-/);
+    });
+  },
+);

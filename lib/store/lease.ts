@@ -20,7 +20,7 @@ import { assert } from "../_assert.ts";
 import { BusyError, IntegrityError } from "../errors.ts";
 import { formatTimeUtc, nowUs } from "../time.ts";
 import { StoreError } from "./object_store.ts";
-import { objectKey, type StoreLogdir } from "./store_logdir.ts";
+import { objectKey, type StoreLogdir } from "./layout.ts";
 
 /** A lease not renewed for this long has expired (its owner is taken for dead). */
 export const LEASE_TTL_MS = 30_000;

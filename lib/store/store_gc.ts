@@ -11,12 +11,7 @@
  */
 import { IntegrityError } from "../errors.ts";
 import { nowUs } from "../time.ts";
-import {
-  manifestObjectNames,
-  objectKey,
-  readStoreManifest,
-  type StoreLogdir,
-} from "./store_logdir.ts";
+import { manifestObjectNames, objectKey, readStoreManifest, type StoreLogdir } from "./layout.ts";
 
 /** Default time between retiring an object and deleting it (`compact --grace`). */
 export const RETIRE_GRACE_MS = 60 * 60 * 1000;

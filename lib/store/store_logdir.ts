@@ -20,54 +20,39 @@ import { COMPACT_LOCK_FILE, sealLiveSegment } from "../compact.ts";
 import { IntegrityError, UsageError } from "../errors.ts";
 import { LEVELS_DIR, LogdirLock, readManifest, SEGMENTS_DIR } from "../format/logdir.ts";
 import {
-  decodeManifest,
   encodeManifest,
   type Manifest,
-  MANIFEST_BYTES_MAX,
   nextSeqAfterSealed,
   type SegmentInfo,
 } from "../format/manifest.ts";
+import {
+  baseObjectName,
+  levelObjectName,
+  MANIFEST_OBJECT,
+  manifestObjectNames,
+  objectKey,
+  readStoreManifest,
+  segmentObjectName,
+  type StoreLogdir,
+} from "./layout.ts";
 import { StoreLease, withLease } from "./lease.ts";
-import { type ObjectStore, StoreError } from "./object_store.ts";
+import { StoreError } from "./object_store.ts";
 import { retireObjects } from "./store_gc.ts";
+export {
+  baseObjectName,
+  levelObjectName,
+  MANIFEST_OBJECT,
+  manifestObjectNames,
+  objectKey,
+  readStoreManifest,
+  segmentObjectName,
+  type StoreLogdir,
+} from "./layout.ts";
 
-/** The manifest object's name under the prefix. */
-export const MANIFEST_OBJECT = "manifest.json";
 /** Waits between attempts of one object upload that failed for a transient reason. */
 export const UPLOAD_RETRY_DELAYS_MS: readonly number[] = [1_000, 2_000, 4_000, 8_000, 16_000];
 /** How long a writer waits for the prefix's `manifest` lease (held for a moment at a time). */
 export const MANIFEST_LEASE_WAIT_MS = 60_000;
-
-function hex16(value: number): string {
-  return value.toString(16).padStart(16, "0");
-}
-
-/** `segments/<16 hex first seq>-<16 hex last seq>.seg`: `ls` order is log order. */
-export function segmentObjectName(info: SegmentInfo): string {
-  return `segments/${hex16(info.firstSeq)}-${hex16(info.lastSeq)}.seg`;
-}
-
-/** `base/<file>` (the base file name is unique per snapshot). */
-export function baseObjectName(file: string): string {
-  return `base/${file}`;
-}
-
-/** `levels/<file>` (level files are named by their cut seq). */
-export function levelObjectName(file: string): string {
-  return `levels/${file}`;
-}
-
-/** A logdir in object storage: a store and the key prefix the logdir lives under. */
-export interface StoreLogdir {
-  store: ObjectStore;
-  /** Key prefix without trailing slash ("" for the bucket's root). */
-  prefix: string;
-}
-
-/** The full key of `name` under the logdir's prefix. */
-export function objectKey(target: StoreLogdir, name: string): string {
-  return target.prefix === "" ? name : `${target.prefix}/${name}`;
-}
 
 /** Options of {@linkcode shipToStore}. */
 export interface ShipToStoreOptions {
@@ -250,15 +235,6 @@ function appendTo(remote: Manifest, local: Manifest): Manifest {
     );
   }
   return { ...remote, segments: [...remote.segments, ...added] };
-}
-
-/** The names of the objects `manifest` refers to. */
-export function manifestObjectNames(manifest: Manifest): Set<string> {
-  return new Set([
-    baseObjectName(manifest.base.file),
-    ...manifest.levels.map((level) => levelObjectName(level.file)),
-    ...manifest.segments.map(segmentObjectName),
-  ]);
 }
 
 /** What {@linkcode commitManifest} did. */
@@ -467,15 +443,4 @@ async function withRetry<T>(
       await new Promise((resolve) => setTimeout(resolve, delaysMs[index]));
     }
   }
-}
-
-/** The manifest the store holds under the prefix, or undefined when there is none. */
-export async function readStoreManifest(target: StoreLogdir): Promise<Manifest | undefined> {
-  const key = objectKey(target, MANIFEST_OBJECT);
-  const bytes = await target.store.get(key);
-  if (bytes === undefined) return undefined;
-  if (bytes.length > MANIFEST_BYTES_MAX) {
-    throw new IntegrityError(`Manifest ${target.store.describe(key)} is too large`);
-  }
-  return decodeManifest(new TextDecoder().decode(bytes), target.store.describe(key));
 }
