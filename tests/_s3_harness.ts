@@ -125,3 +125,31 @@ export async function startSwift(): Promise<SwiftNode> {
   };
   return node;
 }
+
+/**
+ * A Deno test against a throw-away Swift node: starts it, creates `options.bucket`, runs `body`
+ * (its steps), stops the node. Skipped with the reason when Swift is not installed, or when
+ * `options.skip` (another reason, e.g. a missing NBD tool) is set.
+ */
+export function swiftTest(
+  name: string,
+  options: { bucket: string; skip?: string },
+  body: (t: Deno.TestContext, swift: SwiftNode) => Promise<void>,
+): void {
+  Deno.test({
+    name,
+    ignore: swiftSkipReason(name) !== undefined || options.skip !== undefined,
+    // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
+    sanitizeResources: false,
+    sanitizeOps: false,
+    async fn(t) {
+      const swift = await startSwift();
+      try {
+        await swift.createBucket(options.bucket);
+        await body(t, swift);
+      } finally {
+        await swift.stop();
+      }
+    },
+  });
+}

@@ -14,7 +14,7 @@ import type { S3Store } from "../lib/store/s3_store.ts";
 import type { TimeSpec } from "../lib/time.ts";
 import { Random, testSeed } from "./_helpers.ts";
 import { timeArg } from "./_past_fixture.ts";
-import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
+import { type SwiftNode, swiftTest } from "./_s3_harness.ts";
 import {
   CliProcess,
   copyLastSeq,
@@ -33,29 +33,16 @@ const STORE_URL = "s3://sectorlog/fleet";
 /** How long the store may take to catch up in these tests: the lag plus slack for a busy machine. */
 const CATCH_UP_MS_MAX = 20_000;
 
-Deno.test({
-  name: TEST_NAME,
-  ignore: swiftSkipReason(TEST_NAME) !== undefined,
-  // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn(t) {
-    const swift = await startSwift();
-    try {
-      await swift.createBucket("sectorlog");
-      await t.step(
-        "a missing bucket: one line, exit 1, nothing listened, no spool created",
-        () => withTempDir((dir) => missingBucket(swift, dir)),
-      );
-      await t.step(
-        "hosts ship to the receiver; the store keeps up within the lag while sessions go on, " +
-          "restores from s3:// equal the host's, an outage is caught up, SIGTERM uploads the rest",
-        () => withTempDir((dir) => receiveToStore(swift, dir)),
-      );
-    } finally {
-      await swift.stop();
-    }
-  },
+swiftTest(TEST_NAME, { bucket: "sectorlog" }, async (t, swift) => {
+  await t.step(
+    "a missing bucket: one line, exit 1, nothing listened, no spool created",
+    () => withTempDir((dir) => missingBucket(swift, dir)),
+  );
+  await t.step(
+    "hosts ship to the receiver; the store keeps up within the lag while sessions go on, " +
+      "restores from s3:// equal the host's, an outage is caught up, SIGTERM uploads the rest",
+    () => withTempDir((dir) => receiveToStore(swift, dir)),
+  );
 });
 
 async function missingBucket(swift: SwiftNode, dir: string): Promise<void> {

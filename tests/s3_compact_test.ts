@@ -22,46 +22,33 @@ import {
   type Workload,
 } from "./_compact_fixture.ts";
 import { assertBytesEqual, Random, readAll, testSeed, withTempDir } from "./_helpers.ts";
-import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
+import { type SwiftNode, swiftTest } from "./_s3_harness.ts";
 import { runCli } from "./_watch_harness.ts";
 
 const TEST_NAME = "compact, leases and retired objects of S3 logdirs against a real Swift node";
 const BUCKET = "sectorlog";
 
-Deno.test({
-  name: TEST_NAME,
-  ignore: swiftSkipReason(TEST_NAME) !== undefined,
-  // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn(t) {
-    const swift = await startSwift();
-    try {
-      await swift.createBucket(BUCKET);
-      await t.step(
-        "compact s3:// folds, retires after a grace period, and every later time restores as before",
-        () => withTempDir((dir) => compactKeepsEveryLaterTime(swift, dir)),
-      );
-      await t.step(
-        "a local compaction that folded unshipped entries: ship mirrors the logdir and retires the rest",
-        () => withTempDir((dir) => mirrorAfterLocalCompaction(swift, dir)),
-      );
-      await t.step(
-        "a restore while compact runs on the same prefix completes correctly",
-        () => withTempDir((dir) => restoreDuringCompaction(swift, dir)),
-      );
-      await t.step(
-        "leases: a second ship or compact of one prefix is refused; an expired lease is taken over",
-        () => withTempDir((dir) => leasesRefuseSecondWriter(swift, dir)),
-      );
-      await t.step(
-        "bad input: --max-bytes on s3://, --grace on a local logdir, a garbage lease, a hostile retire record",
-        () => withTempDir((dir) => badInput(swift, dir)),
-      );
-    } finally {
-      await swift.stop();
-    }
-  },
+swiftTest(TEST_NAME, { bucket: BUCKET }, async (t, swift) => {
+  await t.step(
+    "compact s3:// folds, retires after a grace period, and every later time restores as before",
+    () => withTempDir((dir) => compactKeepsEveryLaterTime(swift, dir)),
+  );
+  await t.step(
+    "a local compaction that folded unshipped entries: ship mirrors the logdir and retires the rest",
+    () => withTempDir((dir) => mirrorAfterLocalCompaction(swift, dir)),
+  );
+  await t.step(
+    "a restore while compact runs on the same prefix completes correctly",
+    () => withTempDir((dir) => restoreDuringCompaction(swift, dir)),
+  );
+  await t.step(
+    "leases: a second ship or compact of one prefix is refused; an expired lease is taken over",
+    () => withTempDir((dir) => leasesRefuseSecondWriter(swift, dir)),
+  );
+  await t.step(
+    "bad input: --max-bytes on s3://, --grace on a local logdir, a garbage lease, a hostile retire record",
+    () => withTempDir((dir) => badInput(swift, dir)),
+  );
 });
 
 async function shippedWorkload(

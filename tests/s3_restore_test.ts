@@ -33,7 +33,7 @@ import { restoreFromStore } from "../lib/store/store_restore.ts";
 import { formatTimeUtc } from "../lib/time.ts";
 import { appendSteps, expectedAt, makeWorkload, type Workload } from "./_compact_fixture.ts";
 import { assertBytesEqual, FakeClock, Random, readAll, testSeed, withTempDir } from "./_helpers.ts";
-import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
+import { type SwiftNode, swiftTest } from "./_s3_harness.ts";
 import { runCli } from "./_watch_harness.ts";
 
 const TEST_NAME = "restore from s3:// with ranged GETs against a real Swift node";
@@ -41,23 +41,13 @@ const BUCKET = "restore";
 /** Small parts, so that the small test devices span many parts and end in a partial one. */
 const SMALL_PART_BYTES = 64 * 1024;
 
-Deno.test({
-  name: TEST_NAME,
-  ignore: swiftSkipReason(TEST_NAME) !== undefined,
-  // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn(t) {
-    const swift = await startSwift();
-    const store = swift.store(BUCKET);
-    try {
-      await swift.createBucket(BUCKET);
-      await runSteps(t, swift, store);
-    } finally {
-      store.close();
-      await swift.stop();
-    }
-  },
+swiftTest(TEST_NAME, { bucket: BUCKET }, async (t, swift) => {
+  const store = swift.store(BUCKET);
+  try {
+    await runSteps(t, swift, store);
+  } finally {
+    store.close();
+  }
 });
 
 async function runSteps(t: Deno.TestContext, swift: SwiftNode, store: ObjectStore) {

@@ -31,29 +31,14 @@ import {
   testSeed,
   withTempDir,
 } from "./_helpers.ts";
-import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
+import { type SwiftNode, swiftTest } from "./_s3_harness.ts";
 import { cliCommand, runCli } from "./_watch_harness.ts";
 import { startWatch } from "../lib/watch.ts";
 import { nextSeqAfterSealed } from "../lib/format/manifest.ts";
 
 const TEST_NAME = "S3 logdirs against a real Swift node";
 
-Deno.test({
-  name: TEST_NAME,
-  ignore: swiftSkipReason(TEST_NAME) !== undefined,
-  // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn(t) {
-    const swift = await startSwift();
-    try {
-      await swift.createBucket("sectorlog");
-      await runSteps(t, swift);
-    } finally {
-      await swift.stop();
-    }
-  },
-});
+swiftTest(TEST_NAME, { bucket: "sectorlog" }, runSteps);
 
 async function runSteps(t: Deno.TestContext, swift: SwiftNode): Promise<void> {
   await t.step(

@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { assertBytesEqual, readAll, withSeed } from "./_helpers.ts";
 import { buildHistory, type History, ServeProcess, timeArg } from "./_past_fixture.ts";
-import { startSwift, type SwiftNode, swiftSkipReason } from "./_s3_harness.ts";
+import { type SwiftNode, swiftTest } from "./_s3_harness.ts";
 import {
   assertFilesEqual,
   qemuImgCompare,
@@ -23,47 +23,36 @@ const MiB = 1024 * 1024;
 const TEST_NAME = "serve s3:// against a real Swift node";
 const URL = "s3://sectorlog/serve/vm1";
 
-Deno.test({
-  name: TEST_NAME,
-  ignore: swiftSkipReason(TEST_NAME) !== undefined ||
-    skipReason(TEST_NAME, ["nbdcopy", "nbdinfo", "qemu-img"]) !== undefined,
-  // The SDK keeps pooled sockets and timers between requests; the node is stopped at the end.
-  sanitizeResources: false,
-  sanitizeOps: false,
-  async fn(t) {
-    const swift = await startSwift();
-    try {
-      await swift.createBucket("sectorlog");
-      await withSeed((random) =>
-        withTempDir(async (dir) => {
-          const h = await buildHistory(dir, random, {
-            deviceBytes: 8 * MiB,
-            phases: 4,
-            opsPerPhase: 10,
-            writeBytesMax: 2 * MiB,
-            segmentBytesMax: MiB,
-            compactThroughPhase: 1,
-            alignBytes: 512,
-          });
-          await runCliOk(["ship", h.logdir, URL], { env: swift.env });
-          await t.step(
-            "nbdcopy of serve s3:// --at T equals restore --at T of the local logdir, at several times",
-            () => exportsEqualRestores(swift, dir, h),
-          );
-          await t.step(
-            "the temporary copy is removed on SIGINT, and serve exits 0",
-            () => sigintRemovesCopy(swift, dir, h),
-          );
-          await t.step(
-            "a missing bucket: one line, exit 1, nothing served",
-            () => missingBucket(swift, dir),
-          );
-        })
+swiftTest(TEST_NAME, {
+  bucket: "sectorlog",
+  skip: skipReason(TEST_NAME, ["nbdcopy", "nbdinfo", "qemu-img"]),
+}, async (t, swift) => {
+  await withSeed((random) =>
+    withTempDir(async (dir) => {
+      const h = await buildHistory(dir, random, {
+        deviceBytes: 8 * MiB,
+        phases: 4,
+        opsPerPhase: 10,
+        writeBytesMax: 2 * MiB,
+        segmentBytesMax: MiB,
+        compactThroughPhase: 1,
+        alignBytes: 512,
+      });
+      await runCliOk(["ship", h.logdir, URL], { env: swift.env });
+      await t.step(
+        "nbdcopy of serve s3:// --at T equals restore --at T of the local logdir, at several times",
+        () => exportsEqualRestores(swift, dir, h),
       );
-    } finally {
-      await swift.stop();
-    }
-  },
+      await t.step(
+        "the temporary copy is removed on SIGINT, and serve exits 0",
+        () => sigintRemovesCopy(swift, dir, h),
+      );
+      await t.step(
+        "a missing bucket: one line, exit 1, nothing served",
+        () => missingBucket(swift, dir),
+      );
+    })
+  );
 });
 
 /** The environment of a serve child: the Swift node's AWS_* and a temp dir we can watch. */

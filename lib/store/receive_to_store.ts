@@ -17,6 +17,7 @@ import { BusyError } from "../errors.ts";
 import { MANIFEST_FILE } from "../format/logdir.ts";
 import { StoreError } from "./object_store.ts";
 import {
+  abortableSleep,
   FOLLOW_MAX_LAG_MS_MAX,
   objectKey,
   shipToStore,
@@ -217,17 +218,4 @@ async function listHosts(storedir: string): Promise<string[]> {
 async function changeMarker(logdir: string, activity: number): Promise<string> {
   const stat = await Deno.stat(join(logdir, MANIFEST_FILE));
   return `${activity}:${stat.ino}:${stat.mtime?.getTime()}:${stat.size}`;
-}
-
-function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-  });
 }
