@@ -38,6 +38,10 @@ swiftTest(TEST_NAME, { bucket: BUCKET }, async (t, swift) => {
     () => withTempDir((dir) => mirrorAfterLocalCompaction(swift, dir)),
   );
   await t.step(
+    "objects a killed ship or compaction left are deleted after the grace, unless a ship is running",
+    () => withTempDir((dir) => orphansCollected(swift, dir)),
+  );
+  await t.step(
     "a restore while compact runs on the same prefix completes correctly",
     () => withTempDir((dir) => restoreDuringCompaction(swift, dir)),
   );
@@ -202,6 +206,44 @@ async function mirrorAfterLocalCompaction(swift: SwiftNode, dir: string): Promis
     const named = [...manifestObjectNames(after)].map((name) => objectKey(target, name)).sort();
     assert.deepEqual(await dataKeys(target), named);
     await assertRestores(swift, w, url, dir, [w.history.length - 1], "after the sweep");
+  } finally {
+    target.store.close();
+  }
+}
+
+async function orphansCollected(swift: SwiftNode, dir: string): Promise<void> {
+  const { url } = await shippedWorkload(swift, dir, "orphans/vm1", 20);
+  const target = { store: swift.store(BUCKET), prefix: "orphans/vm1" };
+  try {
+    const stray = objectKey(target, "segments/00000000000a0000-00000000000a00ff.seg");
+    const foreign = objectKey(target, "segments/README.txt~");
+    await target.store.put(stray, new Uint8Array(100));
+    await target.store.put(foreign, new TextEncoder().encode("not ours"));
+    // A ship holds the lease: what it uploaded may not be named yet, so nothing of it goes.
+    const ship = await StoreLease.acquire(target, "ship", { purpose: "ship of a test" });
+    try {
+      const run = await runCli(["compact", url, "--keep", "0", "--grace", "0", "--json"], {
+        env: swift.env,
+      });
+      assert.deepEqual(run.code, 0, run.stderr);
+      assert.deepEqual(JSON.parse(run.stdout).store.sweep.orphansDeleted, 0);
+      assert.ok(await target.store.head(stray) !== undefined);
+    } finally {
+      await ship.release();
+    }
+    const run = await runCli(["compact", url, "--keep", "0", "--grace", "0", "--json"], {
+      env: swift.env,
+    });
+    assert.deepEqual(run.code, 0, run.stderr);
+    assert.deepEqual(JSON.parse(run.stdout).store.sweep.orphansDeleted, 1);
+    assert.deepEqual(await target.store.head(stray), undefined);
+    assert.ok(await target.store.head(foreign) !== undefined, "a name not of ours is left alone");
+    const manifest = (await readStoreManifest(target))!;
+    for (const name of manifestObjectNames(manifest)) {
+      assert.ok(await target.store.head(objectKey(target, name)) !== undefined, name);
+    }
+    const verify = await runCli(["verify", url], { env: swift.env });
+    assert.deepEqual(verify.code, 0, verify.stderr);
   } finally {
     target.store.close();
   }

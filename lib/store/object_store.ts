@@ -11,6 +11,8 @@ export interface ObjectInfo {
   /** The object's key (full, including any prefix). */
   key: string;
   sizeBytes: number;
+  /** When the object was written, by the store's clock (listings only; undefined if unknown). */
+  lastModifiedMs?: number;
 }
 
 /** A byte range of an object: `[offsetBytes, offsetBytes + lengthBytes)`. */

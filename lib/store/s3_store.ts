@@ -438,7 +438,12 @@ export class S3Store implements ObjectStore {
         throw this.#error("list", this.describe(prefix), error);
       }
       for (const item of reply.Contents ?? []) {
-        if (item.Key !== undefined) yield { key: item.Key, sizeBytes: item.Size ?? 0 };
+        if (item.Key === undefined) continue;
+        yield {
+          key: item.Key,
+          sizeBytes: item.Size ?? 0,
+          lastModifiedMs: item.LastModified?.getTime(),
+        };
       }
       token = reply.IsTruncated === true ? reply.NextContinuationToken : undefined;
     } while (token !== undefined);

@@ -106,7 +106,13 @@ export async function compactStore(
         objectsUploaded: 0,
         bytesUploaded: 0,
         objectsRetired: 0,
-        sweep: { records: 0, objectsDeleted: 0, objectsKept: 0, recordsWaiting: 0 },
+        sweep: {
+          records: 0,
+          objectsDeleted: 0,
+          objectsKept: 0,
+          recordsWaiting: 0,
+          orphansDeleted: 0,
+        },
         graceMs,
       };
       let after = remote;

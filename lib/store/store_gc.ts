@@ -5,12 +5,15 @@
  * `compact` of the store runs one) deletes the objects of records older than the grace
  * period, unless the current manifest names them again, then the record. A restore that read the
  * old manifest just before the update keeps finding its objects for the whole grace period (and
- * starts over from the new manifest if it takes longer still).
+ * starts over from the new manifest if it takes longer still). The sweep also deletes orphans:
+ * data objects no manifest and no record names, left by a ship or compaction killed before its
+ * manifest update (see {@linkcode sweepRetired}).
  *
  * @module
  */
 import { IntegrityError } from "../errors.ts";
 import { nowUs } from "../time.ts";
+import { leaseKey, readLease } from "./lease.ts";
 import { manifestObjectNames, objectKey, readStoreManifest, type StoreLogdir } from "./layout.ts";
 
 /** Default time between retiring an object and deleting it (`compact --grace`). */
@@ -60,6 +63,9 @@ export async function retireObjects(
   }
 }
 
+/** Allowance for the store's clock (object times) against the writers' clocks (lease times). */
+export const CLOCK_SKEW_MS_MAX = 5 * 60 * 1000;
+
 /** What {@linkcode sweepRetired} did. */
 export interface SweepResult {
   /** Retire records whose grace period had passed, handled and removed. */
@@ -69,6 +75,11 @@ export interface SweepResult {
   objectsKept: number;
   /** Retire records still in their grace period. */
   recordsWaiting: number;
+  /**
+   * Objects named by no manifest and no retire record (left by a ship or compaction killed before
+   * its manifest update), older than the grace period: deleted.
+   */
+  orphansDeleted: number;
 }
 
 /**
@@ -79,17 +90,24 @@ export async function sweepRetired(
   target: StoreLogdir,
   options: { graceMs: number; nowUs?: number },
 ): Promise<SweepResult> {
-  const result: SweepResult = { records: 0, objectsDeleted: 0, objectsKept: 0, recordsWaiting: 0 };
+  const result: SweepResult = {
+    records: 0,
+    objectsDeleted: 0,
+    objectsKept: 0,
+    recordsWaiting: 0,
+    orphansDeleted: 0,
+  };
   const dueUs = (options.nowUs ?? nowUs()) - options.graceMs * 1000;
   const due: string[] = [];
+  const waiting: string[] = [];
   const folder = objectKey(target, `${RETIRED_DIR}/`);
   for await (const item of target.store.list(folder)) {
     const match = RECORD_NAME.exec(item.key.slice(folder.length));
     if (match === null) continue; // not ours: left alone
     if (parseInt(match[1], 16) <= dueUs) due.push(item.key);
-    else result.recordsWaiting++;
+    else waiting.push(item.key);
   }
-  if (due.length === 0) return result;
+  result.recordsWaiting = waiting.length;
   const manifest = await readStoreManifest(target);
   const named = new Set(
     [...(manifest === undefined ? [] : manifestObjectNames(manifest))].map((name) =>
@@ -109,7 +127,45 @@ export async function sweepRetired(
     await target.store.delete(recordKey);
     result.records++;
   }
+  if (manifest !== undefined) {
+    result.orphansDeleted = await sweepOrphans(target, named, waiting, dueUs);
+  }
   return result;
+}
+
+/**
+ * Deletes the data objects (`base/`, `levels/`, `segments/`) that the manifest (`named`) and the
+ * waiting retire records do not name and that were written before `dueUs`, and before the
+ * current ship lease was taken (a ship uploads its objects before its manifest update names
+ * them). Such objects are what a ship or compaction killed before its manifest update left.
+ */
+async function sweepOrphans(
+  target: StoreLogdir,
+  named: Set<string>,
+  waitingRecords: string[],
+  dueUs: number,
+): Promise<number> {
+  let beforeUs = dueUs;
+  const ship = await readLease(target, leaseKey(target, "ship"));
+  if (ship !== undefined && ship.record.expiresUs > nowUs()) {
+    beforeUs = Math.min(beforeUs, ship.record.acquiredUs - CLOCK_SKEW_MS_MAX * 1000);
+  }
+  const pending = new Set<string>();
+  for (const recordKey of waitingRecords) {
+    for (const key of (await readRecord(target, recordKey))?.keys ?? []) pending.add(key);
+  }
+  const prefix = objectKey(target, "");
+  let deleted = 0;
+  for (const folder of ["base/", "levels/", "segments/"]) {
+    for await (const item of target.store.list(prefix + folder)) {
+      if (named.has(item.key) || pending.has(item.key)) continue;
+      if (!RETIRABLE.test(item.key.slice(prefix.length))) continue; // not a name of ours
+      if (item.lastModifiedMs === undefined || item.lastModifiedMs * 1000 >= beforeUs) continue;
+      await target.store.delete(item.key);
+      deleted++;
+    }
+  }
+  return deleted;
 }
 
 async function readRecord(target: StoreLogdir, key: string): Promise<RetireRecord | undefined> {
