@@ -136,7 +136,7 @@ async function compactStoreCommand(
         formatBytes(store.bytesUploaded)
       }), ${store.objectsRetired} retired; ${store.sweep.objectsDeleted} deleted after ${
         store.graceMs / 1000
-      }s grace, ${store.sweep.recordsWaiting} retire records still waiting`,
+      }s grace, ${store.sweep.orphansDeleted} orphans deleted, ${store.sweep.recordsWaiting} retire records still waiting`,
     );
   }
 }
