@@ -133,6 +133,12 @@ async function compactKeepsEveryLaterTime(swift: SwiftNode, dir: string): Promis
     const manifest = (await readStoreManifest(target))!;
     assert.deepEqual(manifest.levels.length, 1);
     assert.ok(manifest.horizonUs >= cutUs);
+    // A ship with nothing new leaves the compacted store as it is.
+    const idle = await runCli(["ship", w.logdir, url, "--json"], { env: swift.env });
+    assert.deepEqual(idle.code, 0, idle.stderr);
+    const idleResult = JSON.parse(idle.stdout);
+    assert.deepEqual([idleResult.mode, idleResult.manifestUploaded], ["current", false]);
+    assert.deepEqual(await readStoreManifest(target), manifest, "the compaction stays");
     // Retired objects are still there for readers of the old manifest.
     const keysAfter = await dataKeys(target);
     for (const key of keysBefore) assert.ok(keysAfter.includes(key), `${key} kept for the grace`);

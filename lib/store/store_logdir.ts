@@ -160,7 +160,10 @@ async function shipRound(
     lease.assertHeld();
     const commit = await commitManifest(target, options, (now) => {
       checkSameLogdir(logdir, target, manifest, now);
-      return plan.mode === "append" && now !== undefined ? appendTo(now, manifest) : manifest;
+      if (now === undefined || plan.mode === "mirror") return manifest;
+      // "current": the store may be ahead of the logdir in its own way (a compaction of the
+      // store): it stays as it is.
+      return plan.mode === "append" ? appendTo(now, manifest) : now;
     });
     return {
       target: target.store.describe(objectKey(target, "")).replace(/\/$/, ""),
