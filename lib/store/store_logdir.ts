@@ -51,6 +51,8 @@ export {
 
 /** Waits between attempts of one object upload that failed for a transient reason. */
 export const UPLOAD_RETRY_DELAYS_MS: readonly number[] = [1_000, 2_000, 4_000, 8_000, 16_000];
+/** Up to this many objects to upload, a ship round asks for each (HEAD) instead of listing. */
+const HEADS_INSTEAD_OF_LIST_MAX = 16;
 /** How long a writer waits for the prefix's `manifest` lease (held for a moment at a time). */
 export const MANIFEST_LEASE_WAIT_MS = 60_000;
 
@@ -152,10 +154,7 @@ async function shipRound(
     const remote = await readStoreManifest(target);
     checkSameLogdir(logdir, target, manifest, remote);
     const plan = planShip(logdir, manifest, remote);
-    const present = new Map<string, number>();
-    for await (const item of target.store.list(objectKey(target, ""))) {
-      present.set(item.key, item.sizeBytes);
-    }
+    const present = await presentObjects(target, plan.uploads);
     const result = await uploadMissing(target, plan.uploads, present, options);
     lease.assertHeld();
     const commit = await commitManifest(target, options, (now) => {
@@ -183,6 +182,29 @@ async function shipRound(
   } finally {
     lock.release();
   }
+}
+
+/**
+ * Which of `uploads` the store already holds (key → size): a HEAD each for the few of a usual
+ * round, one listing of the prefix for many (a first ship, a mirror), so that a `--follow` round
+ * costs the same however long the store's log has grown.
+ */
+async function presentObjects(
+  target: StoreLogdir,
+  uploads: Upload[],
+): Promise<Map<string, number>> {
+  const present = new Map<string, number>();
+  if (uploads.length <= HEADS_INSTEAD_OF_LIST_MAX) {
+    const infos = await Promise.all(
+      uploads.map((upload) => target.store.head(objectKey(target, upload.name))),
+    );
+    for (const info of infos) if (info !== undefined) present.set(info.key, info.sizeBytes);
+    return present;
+  }
+  for await (const item of target.store.list(objectKey(target, ""))) {
+    present.set(item.key, item.sizeBytes);
+  }
+  return present;
 }
 
 function checkSameLogdir(
