@@ -326,9 +326,7 @@ class SwapBeforeFirstSegmentGet implements ObjectStore {
   putFile(key: string, path: string, options?: PutFileOptions): Promise<number> {
     return this.#inner.putFile(key, path, options);
   }
-  getToFile(key: string, path: string): Promise<number | undefined> {
-    return this.#inner.getToFile(key, path);
-  }
+
   head(key: string): Promise<ObjectInfo | undefined> {
     return this.#inner.head(key);
   }

@@ -70,13 +70,12 @@ export interface ObjectStore {
   getWithEtag(key: string): Promise<{ bytes: Uint8Array; etag: string } | undefined>;
   /**
    * The whole object, or a range of it; undefined when there is no such object. With `into`, the
-   * bytes are read into that buffer and a view of it is returned (no allocation per call, so
-   * memory stays flat over many ranged reads); a reply longer than `into` fills it and stops, so
-   * the caller sees more bytes than it asked for when `into` has room for one more.
+   * bytes are read into that buffer (no allocation per call, so memory stays flat over many
+   * ranged reads); the store may transfer `into`'s ArrayBuffer while reading, so the returned view
+   * is on the buffer to use next. A reply longer than `into` fills it and stops, so the caller
+   * sees more bytes than it asked for when `into` has room for one more.
    */
   get(key: string, range?: ByteRange, into?: Uint8Array): Promise<Uint8Array | undefined>;
-  /** Streams the object into `path` (created or truncated); returns its size, or undefined. */
-  getToFile(key: string, path: string): Promise<number | undefined>;
   /** The object's size, or undefined when there is no such object. */
   head(key: string): Promise<ObjectInfo | undefined>;
   /** Every object whose key starts with `prefix`, in key order. */

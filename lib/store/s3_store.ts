@@ -23,7 +23,6 @@ import { FetchHttpHandler } from "@smithy/fetch-http-handler";
 import { assert } from "../_assert.ts";
 import { UsageError } from "../errors.ts";
 import { readFully } from "../format/segment.ts";
-import { isAllZero } from "../sparse_copy.ts";
 import {
   type ByteRange,
   type ConditionalPutResult,
@@ -382,32 +381,6 @@ export class S3Store implements ObjectStore {
       reader.releaseLock();
     }
     return new Uint8Array(buffer, start, position);
-  }
-
-  async getToFile(key: string, path: string): Promise<number | undefined> {
-    const fd = fs.openSync(path, "w");
-    try {
-      let reply;
-      try {
-        reply = await this.#client.send(new GetObjectCommand({ Bucket: this.bucket, Key: key }));
-      } catch (error) {
-        if (isNotFound(error)) return undefined;
-        throw error;
-      }
-      assert(reply.Body !== undefined, "GetObject returned no body");
-      let position = 0;
-      for await (const chunk of reply.Body as AsyncIterable<Uint8Array>) {
-        // Runs of zeroes stay holes, as they are in the logdir the object came from.
-        if (!isAllZero(chunk)) fs.writeSync(fd, chunk, 0, chunk.length, position);
-        position += chunk.length;
-      }
-      fs.ftruncateSync(fd, position);
-      return position;
-    } catch (error) {
-      throw this.#error("download", this.describe(key), error);
-    } finally {
-      fs.closeSync(fd);
-    }
   }
 
   async head(key: string): Promise<ObjectInfo | undefined> {
