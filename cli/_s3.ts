@@ -44,6 +44,3 @@ export async function openStoreLogdir(
   });
   return { store, prefix: location.prefix };
 }
-
-/** Which objects a restore to `at` needs (the library decides; kept here for the CLI). */
-export { copyNeedFor } from "../lib/store/store_copy.ts";

@@ -10,10 +10,10 @@ import { UsageError } from "../lib/errors.ts";
 import type { NbdListenOptions } from "../lib/nbd/server.ts";
 import { startServe } from "../lib/serve.ts";
 import { isS3Url } from "../lib/store/s3_url.ts";
-import { type LocalCopy, withLocalCopy } from "../lib/store/store_copy.ts";
+import { copyNeedFor, type LocalCopy, withLocalCopy } from "../lib/store/store_copy.ts";
 import { parseTime, type TimeSpec } from "../lib/time.ts";
 import { formatBytes, formatTimeBoth, printJson, say } from "./_output.ts";
-import { copyNeedFor, openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
+import { openStoreLogdir, type S3Flags, withS3Options } from "./_s3.ts";
 import { waitForStopSignal } from "./_signals.ts";
 
 interface ServeFlags extends S3Flags {
