@@ -17,6 +17,7 @@ import { ENTRY_FORMAT_VERSION } from "../format/entry.ts";
 import { LEVELS_DIR, readManifest } from "../format/logdir.ts";
 import { type Manifest, MANIFEST_FORMAT_VERSION } from "../format/manifest.ts";
 import { readFully } from "../format/segment.ts";
+import { sleep } from "../sleep.ts";
 import { HOLE_BLOCK_BYTES, isAllZero } from "../sparse_copy.ts";
 import { formatTimeUtc, nowUs } from "../time.ts";
 import { applyFromSeq } from "../timeline.ts";
@@ -257,18 +258,6 @@ function backoffMs(attempt: number, options: ShipOptions): number {
 
 function aborted(signal: AbortSignal | undefined): boolean {
   return signal?.aborted === true;
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener("abort", done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    }
-  });
 }
 
 /** Turns a receiver's ERROR into the error class of its exit code. */

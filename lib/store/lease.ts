@@ -18,6 +18,7 @@
 import { hostname } from "node:os";
 import { assert } from "../_assert.ts";
 import { BusyError, IntegrityError } from "../errors.ts";
+import { sleep } from "../sleep.ts";
 import { formatTimeUtc, nowUs } from "../time.ts";
 import { StoreError } from "./object_store.ts";
 import { objectKey, type StoreLogdir } from "./layout.ts";
@@ -304,8 +305,4 @@ function busy(target: StoreLogdir, key: string, record: LeaseRecord): BusyError 
       "after it stops renewing)",
     { holderPid: record.host === hostname() ? record.pid : undefined },
   );
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -15,9 +15,9 @@ import { join } from "node:path";
 import { assert } from "../_assert.ts";
 import { BusyError } from "../errors.ts";
 import { MANIFEST_FILE } from "../format/logdir.ts";
+import { sleep } from "../sleep.ts";
 import { StoreError } from "./object_store.ts";
 import {
-  abortableSleep,
   FOLLOW_MAX_LAG_MS_MAX,
   objectKey,
   shipToStore,
@@ -128,7 +128,7 @@ export class StoreUploader {
       const startedMs = performance.now();
       onRound?.(await this.round());
       const waitMs = Math.max(0, this.options.maxLagMs - (performance.now() - startedMs));
-      await abortableSleep(waitMs, signal);
+      await sleep(waitMs, signal);
     }
   }
 

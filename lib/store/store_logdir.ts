@@ -25,6 +25,7 @@ import {
   nextSeqAfterSealed,
   type SegmentInfo,
 } from "../format/manifest.ts";
+import { sleep } from "../sleep.ts";
 import {
   baseObjectName,
   levelObjectName,
@@ -364,26 +365,12 @@ export async function followToStore(
         options.onRoundError?.(error);
       }
       const waitMs = Math.max(0, options.maxLagMs - (performance.now() - startedMs));
-      await abortableSleep(waitMs, options.signal);
+      await sleep(waitMs, options.signal);
     }
     return last;
   } finally {
     await lease.release();
   }
-}
-
-/** Waits `ms`, or less when `signal` aborts meanwhile (resolves either way). */
-export function abortableSleep(ms: number, signal: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal.aborted) return resolve();
-    const timer = setTimeout(done, ms);
-    signal.addEventListener("abort", done, { once: true });
-    function done() {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", done);
-      resolve();
-    }
-  });
 }
 
 function segmentUpload(logdir: string, segment: SegmentInfo): Upload {
@@ -466,7 +453,7 @@ async function withRetry<T>(
         throw error;
       }
       options.onRetry?.({ what, error, attempt: index + 1, delayMs: delaysMs[index] });
-      await new Promise((resolve) => setTimeout(resolve, delaysMs[index]));
+      await sleep(delaysMs[index]);
     }
   }
 }
