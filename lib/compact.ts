@@ -20,7 +20,6 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "./_assert.ts";
 import { crc32c, crc32cCombine } from "./checksum.ts";
@@ -43,10 +42,12 @@ import {
   payloadMatches,
 } from "./format/entry.ts";
 import {
+  durableBytesOf,
   LEVELS_DIR,
   listSegments,
   LogdirLock,
   MANIFEST_FILE,
+  readLogdirSyncRecord,
   readManifest,
   removeIfExists,
   SEGMENTS_DIR,
@@ -63,14 +64,13 @@ import {
   type SegmentInfo,
 } from "./format/manifest.ts";
 import {
-  fdatasync,
   parseSegmentFileName,
-  readFully,
   SegmentAppender,
   segmentFileName,
   SegmentScanner,
-  writeFully,
 } from "./format/segment.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import { readFully, type Storage, type StorageFile, StorageNotFound } from "./storage/storage.ts";
 import { formatTimeUtc, nowUs } from "./time.ts";
 import { applyFromSeq } from "./timeline.ts";
 
@@ -138,6 +138,13 @@ export interface CompactOptions {
    * segment, such as the temporary copy of one in object storage.
    */
   sealLive?: boolean;
+  /** Where the logdir lives (default: the local filesystem). */
+  storage?: Storage;
+  /**
+   * How to ask the writer that holds the logdir (a running `watch`) to seal; undefined when none
+   * listens. Default: its control socket.
+   */
+  requestSeal?: (logdir: string) => Promise<{ nextSeq: number } | undefined>;
 }
 
 /** What `--max-bytes` did. */
@@ -230,23 +237,26 @@ export async function compactLogdir(
       { hint: "use --keep DURATION, or --before a time that has passed" },
     );
   }
+  const storage = options.storage ?? realStorage;
   if (options.dryRun === true) {
-    const manifest = await readManifest(logdir);
+    const manifest = await readManifest(logdir, storage);
     const plan = await planCompaction(logdir, manifest, options, { includeLive: true });
     return finish(plan, { dryRun: true, startedMs });
   }
-  await readManifest(logdir); // a clear error for a logdir that is not one, before any lock file
+  // A clear error for a logdir that is not one, before any lock file.
+  await readManifest(logdir, storage);
   const lock = await LogdirLock.acquire(logdir, "compact", {
     file: COMPACT_LOCK_FILE,
     heldBy: "another compaction is running",
+    storage,
   });
   try {
-    const removedLeftovers = await removeLeftovers(logdir);
+    const removedLeftovers = await removeLeftovers(logdir, storage);
     const seal: SealOutcome = options.sealLive === false
       ? { via: "none" }
-      : await sealLiveSegment(logdir);
+      : await sealLiveSegment(logdir, "compact", options);
     options.onStep?.("sealed");
-    const manifest = await readManifest(logdir);
+    const manifest = await readManifest(logdir, storage);
     const plan = await planCompaction(logdir, manifest, options, { includeLive: false });
     plan.seal = seal;
     plan.removedLeftovers = removedLeftovers;
@@ -279,29 +289,32 @@ export interface SealOutcome {
  * unsealed entries a watch must still replay onto its device is left alone: sealing them would
  * hide them from that replay.
  */
-export async function sealLiveSegment(logdir: string, purpose = "compact"): Promise<SealOutcome> {
+export async function sealLiveSegment(
+  logdir: string,
+  purpose = "compact",
+  options: Pick<CompactOptions, "storage" | "requestSeal"> = {},
+): Promise<SealOutcome> {
+  const storage = options.storage ?? realStorage;
   let lock: LogdirLock;
   try {
-    lock = await LogdirLock.acquire(logdir, purpose);
+    lock = await LogdirLock.acquire(logdir, purpose, { storage });
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;
-    return await sealThroughWriter(logdir, error);
+    return await sealThroughWriter(logdir, error, options.requestSeal ?? requestSeal);
   }
-  const unreplayed = {
-    via: "none" as const,
-    warning: `The unsealed entries of ${logdir} include writes after the last flush of a ` +
-      `writer that stopped without flushing; they are folded once a watch has replayed them ` +
-      `onto the device and journaled a flush after them (folding sealed entries only)`,
-  };
   try {
-    const unsealed = (await listSegments(logdir, await readManifest(logdir)))
-      .filter((segment) => !segment.sealed);
-    // Two unsealed segments: a writer died during a seal. Opening a writer would seal the
-    // complete one at once, before the replay a watch does on open.
-    if (unsealed.length > 1) return unreplayed;
-    const writer = await LogdirWriter.open(logdir, { purpose, lock });
+    // The writer recovers the logdir as any writer does; it never seals what a watch must still
+    // replay onto its device (that would hide those entries from the replay).
+    const writer = await LogdirWriter.open(logdir, { purpose, lock, storage });
     try {
-      if (await hasUnreplayedChanges(writer)) return unreplayed;
+      if (writer.hasReplayDebt) {
+        return {
+          via: "none" as const,
+          warning: `The unsealed entries of ${logdir} include writes that a watch must still ` +
+            `re-apply to its device (it stopped without a clean close); they are folded once ` +
+            `a watch has replayed them onto the device (folding sealed entries only)`,
+        };
+      }
       await writer.rotate();
       return { via: "compact" };
     } finally {
@@ -313,9 +326,13 @@ export async function sealLiveSegment(logdir: string, purpose = "compact"): Prom
 }
 
 /** Asks the writer that holds the lock (`busy` says who) to seal, if it listens. */
-async function sealThroughWriter(logdir: string, busy: BusyError): Promise<SealOutcome> {
+async function sealThroughWriter(
+  logdir: string,
+  busy: BusyError,
+  request: (logdir: string) => Promise<{ nextSeq: number } | undefined>,
+): Promise<SealOutcome> {
   try {
-    if (await requestSeal(logdir) !== undefined) return { via: "watch" };
+    if (await request(logdir) !== undefined) return { via: "watch" };
   } catch (refusal) {
     return { via: "none", warning: `${(refusal as Error).message}; folding sealed entries only` };
   }
@@ -323,21 +340,6 @@ async function sealThroughWriter(logdir: string, busy: BusyError): Promise<SealO
     via: "none",
     note: `${busy.message}, and it answers no seal request: folding sealed entries only`,
   };
-}
-
-/** True when the live segment has changes after its last flush that a watch must replay. */
-async function hasUnreplayedChanges(writer: LogdirWriter): Promise<boolean> {
-  const { segmentPath, validBytes, unflushedFromSeq } = writer.recovery;
-  if (unflushedFromSeq >= writer.nextSeq) return false;
-  const scanner = new SegmentScanner(segmentPath, {
-    tolerateTornTail: false,
-    endBytes: validBytes,
-    headersOnly: true,
-  });
-  for await (const { header } of scanner.entries()) {
-    if (header.seq >= unflushedFromSeq && isChange(header)) return true;
-  }
-  return false;
 }
 
 function isChange(header: EntryHeader): boolean {
@@ -388,6 +390,7 @@ interface FoldResult {
 
 interface CompactPlan {
   logdir: string;
+  storage: Storage;
   manifest: Manifest;
   segments: SourceSegment[];
   requestedCutUs: number;
@@ -413,27 +416,28 @@ async function planCompaction(
   options: CompactOptions,
   scope: { includeLive: boolean },
 ): Promise<CompactPlan> {
-  const segments = await sourceSegments(logdir, manifest, scope.includeLive);
+  const storage = options.storage ?? realStorage;
+  const segments = await sourceSegments(storage, logdir, manifest, scope.includeLive);
   const levels = levelTotals(manifest);
-  const logdirBytesBefore = await measureLogdirBytes(logdir, manifest);
+  const logdirBytesBefore = await measureLogdirBytes(storage, logdir, manifest);
   const warnings: string[] = [];
   let cutUs = Math.max(options.cutUs, manifest.horizonUs);
   let keepMarks: CompactKeepMarks | undefined;
   if (options.keepMarks === true) {
-    const marks = findMarks(segments, applyFromSeq(manifest), manifest.horizonUs, cutUs);
+    const marks = findMarks(storage, segments, applyFromSeq(manifest), manifest.horizonUs, cutUs);
     if (marks.length > 0) {
       keepMarks = { marks: marks.map((mark) => mark.name), cutWithoutUs: cutUs };
       cutUs = Math.max(manifest.horizonUs, marks[0].timeUs - 1);
     }
   }
-  const foldInput = { logdir, manifest, segments, logdirBytesBefore, options };
+  const foldInput = { logdir, storage, manifest, segments, logdirBytesBefore, options };
   const fold = foldEntries({ ...foldInput, cutUs });
   if (keepMarks !== undefined && options.dryRun === true) {
     const without = foldEntries({ ...foldInput, cutUs: keepMarks.cutWithoutUs });
     keepMarks.costBytes = foldDeltaBytes(manifest, fold) - foldDeltaBytes(manifest, without);
   }
   if (keepMarks !== undefined && fold.cutUs > cutUs) {
-    const lost = (findMarks(segments, applyFromSeq(manifest), cutUs, fold.cutUs))
+    const lost = (findMarks(storage, segments, applyFromSeq(manifest), cutUs, fold.cutUs))
       .map((mark) => mark.name);
     if (lost.length > 0) {
       warnings.push(
@@ -443,13 +447,14 @@ async function planCompaction(
   }
   return {
     logdir,
+    storage,
     manifest,
     segments,
     requestedCutUs: options.cutUs,
     plannedCutUs: cutUs,
     maxBytes: options.maxBytes,
     fold,
-    foldedMarks: readMarkNames(fold.marks, fold.sourcePaths),
+    foldedMarks: readMarkNames(storage, fold.marks, fold.sourcePaths),
     entriesBefore: levels.entries + segments.reduce((sum, s) => sum + s.entries, 0),
     bytesBefore: levels.sizeBytes + segments.reduce((sum, s) => sum + s.endBytes, 0),
     logdirBytesBefore,
@@ -461,13 +466,16 @@ async function planCompaction(
 
 /** The sealed segments of `manifest`, and for dry runs the live ones after them. */
 async function sourceSegments(
+  storage: Storage,
   logdir: string,
   manifest: Manifest,
   includeLive: boolean,
 ): Promise<SourceSegment[]> {
-  const refs = await listSegments(logdir, manifest);
+  const refs = await listSegments(logdir, manifest, storage);
   const sources: SourceSegment[] = [];
-  for (const [index, ref] of refs.entries()) {
+  const record = readLogdirSyncRecord(logdir, storage);
+  let expectedSeq = nextSeqAfterSealed(manifest);
+  for (const ref of refs) {
     if (ref.info !== undefined) {
       sources.push({
         path: ref.path,
@@ -476,34 +484,42 @@ async function sourceSegments(
         entries: ref.info.entries,
         info: ref.info,
       });
-    } else if (includeLive) {
-      const endBytes = fs.statSync(ref.path).size;
+    } else if (includeLive && ref.firstSeq === expectedSeq) {
+      // A dry run folds the unsealed entries too, up to the end of the log as a reader sees it.
+      const durableBytes = durableBytesOf(record, ref);
       const scanner = new SegmentScanner(ref.path, {
-        tolerateTornTail: index === refs.length - 1,
-        endBytes,
+        storage,
+        tolerateTornTail: true,
+        durableBytes,
         headersOnly: true,
+        payloadsFromBytes: durableBytes,
       });
       let entries = 0;
-      for await (const _ of scanner.entries()) entries++;
-      sources.push({
-        path: ref.path,
-        firstSeq: ref.firstSeq,
-        endBytes: scanner.validBytes,
-        entries,
-      });
+      let endBytes = 0;
+      for await (const { header, fileOffsetBytes } of scanner.entries()) {
+        if (header.seq !== expectedSeq) break;
+        expectedSeq++;
+        entries++;
+        endBytes = fileOffsetBytes + ENTRY_HEADER_BYTES + header.payloadBytes;
+      }
+      sources.push({ path: ref.path, firstSeq: ref.firstSeq, endBytes, entries });
+      if (endBytes < (storage.stat(ref.path)?.sizeBytes ?? 0)) break;
     }
   }
   return sources;
 }
 
 /** Base data + levels + every segment file: what `--max-bytes` limits. */
-async function measureLogdirBytes(logdir: string, manifest: Manifest): Promise<number> {
+async function measureLogdirBytes(
+  storage: Storage,
+  logdir: string,
+  manifest: Manifest,
+): Promise<number> {
   let bytes = manifest.base.dataBytes;
   for (const level of manifest.levels) bytes += level.sizeBytes;
-  for (const ref of await listSegments(logdir, manifest)) {
-    try {
-      bytes += ref.info?.sizeBytes ?? fs.statSync(ref.path).size;
-    } catch { /* a live segment sealed and renamed meanwhile is counted by its manifest entry */ }
+  for (const ref of await listSegments(logdir, manifest, storage)) {
+    // A live segment sealed and renamed meanwhile is counted by its manifest entry.
+    bytes += ref.info?.sizeBytes ?? storage.stat(ref.path)?.sizeBytes ?? 0;
   }
   return bytes;
 }
@@ -533,6 +549,7 @@ interface NamedMark {
 
 /** Marks with seq ≥ `fromSeq` and time in (afterUs, upToUs], in log order (headers, then names). */
 function findMarks(
+  storage: Storage,
   segments: SourceSegment[],
   fromSeq: number,
   afterUs: number,
@@ -540,13 +557,14 @@ function findMarks(
 ): NamedMark[] {
   const refs: MarkRef[] = [];
   scan: for (const [index, segment] of segments.entries()) {
-    for (const { header, fileOffsetBytes } of wholeHeaders(segment.path, segment.endBytes)) {
+    const headers = wholeHeaders(storage, segment.path, segment.endBytes);
+    for (const { header, fileOffsetBytes } of headers) {
       if (header.timeUs > upToUs) break scan;
       if (header.kind !== "mark" || header.seq < fromSeq || header.timeUs <= afterUs) continue;
       refs.push({ sourceIndex: index, fileOffsetBytes, header });
     }
   }
-  return readMarkNames(refs, segments.map((segment) => segment.path));
+  return readMarkNames(storage, refs, segments.map((segment) => segment.path));
 }
 
 /** Most bytes {@linkcode wholeHeaders} reads at once. */
@@ -572,12 +590,13 @@ function corruptEntry(path: string, offsetBytes: number, problem: string): Integ
  * the payloads between a window's headers); after a large entry, only the next header is read.
  */
 function* wholeHeaders(
+  storage: Storage,
   path: string,
   endBytes: number,
 ): Generator<{ header: EntryHeader; fileOffsetBytes: number }> {
-  const fd = fs.openSync(path, "r");
+  const file = openSource(storage, path);
   try {
-    const fileBytes = fs.fstatSync(fd).size;
+    const fileBytes = file.sizeBytes();
     if (fileBytes < endBytes) {
       throw new IntegrityError(
         `File ${path} is ${fileBytes} bytes, expected ${endBytes}: it was truncated`,
@@ -599,7 +618,7 @@ function* wholeHeaders(
           : ENTRY_HEADER_BYTES;
         windowBytes = Math.min(wanted, endBytes - position);
         windowStart = position;
-        readFully(fd, window, windowBytes, position);
+        readFully(file, window, windowBytes, position);
       }
       const decoded = decodeEntryHeader(window, position - windowStart);
       if (!decoded.ok) throw corruptEntry(path, position, decoded.problem);
@@ -612,20 +631,30 @@ function* wholeHeaders(
       averageEntryBytes += (entryBytes - averageEntryBytes) / 8;
     }
   } finally {
-    fs.closeSync(fd);
+    file.close();
   }
 }
 
-function readMarkNames(refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
+/** Opens a file the fold reads; one that is gone is a hole in the log (exit 3). */
+function openSource(storage: Storage, path: string): StorageFile {
+  try {
+    return storage.open(path);
+  } catch (error) {
+    if (!(error instanceof StorageNotFound)) throw error;
+    throw new IntegrityError(`${path} is missing`, { path, cause: error });
+  }
+}
+
+function readMarkNames(storage: Storage, refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
   const decoder = new TextDecoder();
   return refs.map(({ sourceIndex, fileOffsetBytes, header }) => {
     const path = sourcePaths[sourceIndex];
     const payload = new Uint8Array(header.payloadBytes);
-    const fd = fs.openSync(path, "r");
+    const file = openSource(storage, path);
     try {
-      readFully(fd, payload, payload.length, fileOffsetBytes + ENTRY_HEADER_BYTES);
+      readFully(file, payload, payload.length, fileOffsetBytes + ENTRY_HEADER_BYTES);
     } finally {
-      fs.closeSync(fd);
+      file.close();
     }
     if (!payloadMatches(header, payload)) {
       throw corruptEntry(path, fileOffsetBytes, "bad payload checksum");
@@ -639,6 +668,7 @@ function readMarkNames(refs: MarkRef[], sourcePaths: string[]): NamedMark[] {
 
 interface FoldInput {
   logdir: string;
+  storage: Storage;
   manifest: Manifest;
   segments: SourceSegment[];
   cutUs: number;
@@ -647,13 +677,13 @@ interface FoldInput {
 }
 
 function foldEntries(input: FoldInput): FoldResult {
-  const { logdir, manifest, segments, options } = input;
+  const { logdir, storage, manifest, segments, options } = input;
   const map = new ExtentMap(manifest.deviceBytes);
   const sourcePaths = manifest.levels.map((level) => join(logdir, LEVELS_DIR, level.file));
   const checksums = [...manifest.levels, ...segments].map(() => new EntryChecksums());
   for (const [index, info] of manifest.levels.entries()) {
     const path = sourcePaths[index];
-    foldLevel(map, { path, info, sourceIndex: index, checksums: checksums[index] });
+    foldLevel(storage, map, { path, info, sourceIndex: index, checksums: checksums[index] });
   }
   const result: FoldResult = {
     map,
@@ -674,7 +704,8 @@ function foldEntries(input: FoldInput): FoldResult {
   const totalBytes = segments.reduce((sum, segment) => sum + segment.endBytes, 0);
   const order = new OrderCheck();
   for (const [index, segment] of segments.entries()) {
-    for (const { header, fileOffsetBytes } of wholeHeaders(segment.path, segment.endBytes)) {
+    const headers = wholeHeaders(storage, segment.path, segment.endBytes);
+    for (const { header, fileOffsetBytes } of headers) {
       order.check(segment.path, header, fileOffsetBytes);
       const consumedBytes = result.consumedBytes + fileOffsetBytes;
       if (header.seq >= applyFromSeq(manifest) && header.timeUs > result.cutUs) {
@@ -723,12 +754,13 @@ function foldEntry(
 }
 
 function foldLevel(
+  storage: Storage,
   map: ExtentMap,
   level: { path: string; info: LevelInfo; sourceIndex: number; checksums: EntryChecksums },
 ): void {
   const { path, info, sourceIndex } = level;
   let entries = 0;
-  for (const { header, fileOffsetBytes } of wholeHeaders(path, info.sizeBytes)) {
+  for (const { header, fileOffsetBytes } of wholeHeaders(storage, path, info.sizeBytes)) {
     entries++;
     if (header.kind !== "write" && header.kind !== "zero") {
       throw new IntegrityError(
@@ -809,7 +841,7 @@ async function executePlan(
   } catch (error) {
     // Nothing names these files yet. (After the swap began they are left to the next run's
     // leftover sweep: a manifest written but not yet synced may already name them.)
-    for (const path of created) removeIfExists(path);
+    for (const path of created) removeIfExists(path, plan.storage);
     throw error;
   }
   const swapped = await swapManifest(logdir, plan, level, straddle);
@@ -835,11 +867,11 @@ async function writeLevel(
   const path = join(logdir, LEVELS_DIR, file);
   const tempPath = path + TEMP_SUFFIX;
   created.push(tempPath);
-  const written = await writeLevelFile(tempPath, plan.fold, options);
+  const written = await writeLevelFile(plan.storage, tempPath, plan.fold, options);
   step("level-written");
   created.push(path);
-  await Deno.rename(tempPath, path);
-  await syncDirectory(join(logdir, LEVELS_DIR));
+  plan.storage.rename(tempPath, path);
+  await syncDirectory(join(logdir, LEVELS_DIR), plan.storage);
   step("level-renamed");
   return {
     file,
@@ -856,13 +888,14 @@ async function writeLevel(
  * check of the source entry and, combined, are the CRC of the level entry they go into.
  */
 async function writeLevelFile(
+  storage: Storage,
   path: string,
   fold: FoldResult,
   options: CompactOptions,
 ): Promise<{ sizeBytes: number; entries: number }> {
-  removeIfExists(path);
-  const appender = SegmentAppender.open(path, 1, 0);
-  const reader = new SourceReader(fold);
+  removeIfExists(path, storage);
+  const appender = SegmentAppender.open(path, 1, 0, storage);
+  const reader = new SourceReader(fold, storage);
   const payload = new Uint8Array(LEVEL_WRITE_BYTES_MAX);
   const totalBytes = fold.map.dataBytes;
   let doneBytes = 0;
@@ -988,20 +1021,22 @@ function grown<T extends Float64Array | Uint32Array>(from: T, to: T): T {
 class SourceReader {
   #paths: string[];
   #checksums: EntryChecksums[];
-  #fds = new Map<number, number>();
+  #storage: Storage;
+  #files = new Map<number, StorageFile>();
   /** Entries checked part-way, by source index, then by entry offset. */
   #open = new Map<number, Map<number, EntryCheck>>();
   #hidden = new Uint8Array(HIDDEN_BUFFER_BYTES);
 
-  constructor(fold: FoldResult) {
+  constructor(fold: FoldResult, storage: Storage) {
     this.#paths = fold.sourcePaths;
     this.#checksums = fold.checksums;
+    this.#storage = storage;
   }
 
   /** Fills `target` with the bytes of `piece` and returns their CRC32C. */
   read(piece: Extent, target: Uint8Array): number {
     const { sourceIndex, entryOffsetBytes: entryOffset } = piece;
-    const fd = this.#fd(sourceIndex);
+    const file = this.#file(sourceIndex);
     let checks = this.#open.get(sourceIndex);
     if (checks === undefined) {
       checks = new Map();
@@ -1022,8 +1057,8 @@ class SourceReader {
       start >= check.checkedBytes && end <= check.payloadBytes,
       `piece ${start}..${end} of the entry at ${entryOffset} out of order or range`,
     );
-    this.#checkHidden(fd, check, payloadOffset, start);
-    readFully(fd, target, piece.lengthBytes, piece.sourceOffsetBytes);
+    this.#checkHidden(file, check, payloadOffset, start);
+    readFully(file, target, piece.lengthBytes, piece.sourceOffsetBytes);
     const pieceCrc = crc32c(target);
     check.crc = check.checkedBytes === 0
       ? pieceCrc
@@ -1041,10 +1076,10 @@ class SourceReader {
   /** Checks the entries whose last bytes no piece covered. */
   checkRest(): void {
     for (const [sourceIndex, checks] of this.#open) {
-      const fd = this.#fd(sourceIndex);
+      const file = this.#file(sourceIndex);
       for (const [entryOffset, check] of checks) {
         const payloadOffset = entryOffset + ENTRY_HEADER_BYTES;
-        this.#checkHidden(fd, check, payloadOffset, check.payloadBytes);
+        this.#checkHidden(file, check, payloadOffset, check.payloadBytes);
         this.#finish(sourceIndex, entryOffset, check);
       }
     }
@@ -1052,11 +1087,11 @@ class SourceReader {
   }
 
   /** Extends the CRC of `check` over its payload up to `end`, bytes no piece shows. */
-  #checkHidden(fd: number, check: EntryCheck, payloadOffset: number, end: number): void {
+  #checkHidden(file: StorageFile, check: EntryCheck, payloadOffset: number, end: number): void {
     while (check.checkedBytes < end) {
       const length = Math.min(this.#hidden.length, end - check.checkedBytes);
       const bytes = this.#hidden.subarray(0, length);
-      readFully(fd, bytes, length, payloadOffset + check.checkedBytes);
+      readFully(file, bytes, length, payloadOffset + check.checkedBytes);
       check.crc = crc32cCombine(check.crc, crc32c(bytes), length);
       check.checkedBytes += length;
     }
@@ -1068,22 +1103,22 @@ class SourceReader {
     }
   }
 
-  #fd(sourceIndex: number): number {
-    const open = this.#fds.get(sourceIndex);
+  #file(sourceIndex: number): StorageFile {
+    const open = this.#files.get(sourceIndex);
     if (open !== undefined) return open;
-    if (this.#fds.size >= SOURCE_FDS_MAX) {
-      const [oldest, fd] = this.#fds.entries().next().value!;
-      fs.closeSync(fd);
-      this.#fds.delete(oldest);
+    if (this.#files.size >= SOURCE_FDS_MAX) {
+      const [oldest, file] = this.#files.entries().next().value!;
+      file.close();
+      this.#files.delete(oldest);
     }
-    const fd = fs.openSync(this.#paths[sourceIndex], "r");
-    this.#fds.set(sourceIndex, fd);
-    return fd;
+    const file = openSource(this.#storage, this.#paths[sourceIndex]);
+    this.#files.set(sourceIndex, file);
+    return file;
   }
 
   close(): void {
-    for (const fd of this.#fds.values()) fs.closeSync(fd);
-    this.#fds.clear();
+    for (const file of this.#files.values()) file.close();
+    this.#files.clear();
   }
 }
 
@@ -1110,11 +1145,11 @@ async function rewriteStraddle(
   const path = join(logdir, SEGMENTS_DIR, file);
   const tempPath = path + TEMP_SUFFIX;
   created.push(tempPath);
-  await copyRange(source.path, fold.stopOffsetBytes, info.sizeBytes, tempPath);
+  await copyRange(plan.storage, source.path, fold.stopOffsetBytes, info.sizeBytes, tempPath);
   step("segment-written");
   created.push(path);
-  await Deno.rename(tempPath, path);
-  await syncDirectory(join(logdir, SEGMENTS_DIR));
+  plan.storage.rename(tempPath, path);
+  await syncDirectory(join(logdir, SEGMENTS_DIR), plan.storage);
   step("segment-renamed");
   return {
     file,
@@ -1127,20 +1162,29 @@ async function rewriteStraddle(
   };
 }
 
-async function copyRange(from: string, startBytes: number, endBytes: number, to: string) {
-  const input = fs.openSync(from, "r");
-  const output = fs.openSync(to, "w");
+async function copyRange(
+  storage: Storage,
+  from: string,
+  startBytes: number,
+  endBytes: number,
+  to: string,
+) {
+  const input = openSource(storage, from);
   try {
-    const buffer = new Uint8Array(Math.min(COPY_BUFFER_BYTES, endBytes - startBytes));
-    for (let position = startBytes; position < endBytes; position += buffer.length) {
-      const length = Math.min(buffer.length, endBytes - position);
-      readFully(input, buffer, length, position);
-      writeFully(output, buffer, length, position - startBytes);
+    const output = storage.open(to, { create: true, truncate: true });
+    try {
+      const buffer = new Uint8Array(Math.min(COPY_BUFFER_BYTES, endBytes - startBytes));
+      for (let position = startBytes; position < endBytes; position += buffer.length) {
+        const length = Math.min(buffer.length, endBytes - position);
+        readFully(input, buffer, length, position);
+        output.write(buffer, length, position - startBytes);
+      }
+      await output.syncData();
+    } finally {
+      output.close();
     }
-    await fdatasync(output);
   } finally {
-    fs.closeSync(input);
-    fs.closeSync(output);
+    input.close();
   }
 }
 
@@ -1154,11 +1198,12 @@ function swapManifest(
   level: LevelInfo | undefined,
   straddle: SegmentInfo | undefined,
 ): Promise<ExecutionOutcome> {
-  const { fold, manifest } = plan;
+  const { fold, manifest, storage } = plan;
   return withManifestLock(logdir, async () => {
-    const fresh = await readManifest(logdir);
+    const fresh = await readManifest(logdir, storage);
     checkUnchanged(logdir, manifest, fresh);
-    const nextUs = fold.nextEntryUs ?? await firstEntryUsAfter(logdir, fresh, fold.cutSeq);
+    const nextUs = fold.nextEntryUs ??
+      await firstEntryUsAfter(storage, logdir, fresh, fold.cutSeq);
     const horizonUs = newHorizonUs(manifest, fold, nextUs);
     if (level === undefined && horizonUs === manifest.horizonUs) {
       return { changed: false, horizonUs };
@@ -1173,10 +1218,10 @@ function swapManifest(
       ],
       compactedMarks: [...fresh.compactedMarks, ...plan.foldedMarks],
     };
-    removeManifestTemps(logdir);
-    await writeManifest(logdir, next);
+    removeManifestTemps(storage, logdir);
+    await writeManifest(logdir, next, storage);
     return { changed: true, horizonUs, level: next.levels.at(-1) };
-  });
+  }, storage);
 }
 
 /**
@@ -1210,20 +1255,21 @@ function checkUnchanged(logdir: string, planned: Manifest, fresh: Manifest): voi
 
 /** Time of the first entry with seq > `cutSeq` in `manifest`'s segments or the live one. */
 async function firstEntryUsAfter(
+  storage: Storage,
   logdir: string,
   manifest: Manifest,
   cutSeq: number,
 ): Promise<number | undefined> {
   const sealed = manifest.segments.find((segment) => segment.lastSeq > cutSeq);
   if (sealed !== undefined) return sealed.firstUs;
-  const live = (await listSegments(logdir, manifest)).find((segment) => !segment.sealed);
+  const live = (await listSegments(logdir, manifest, storage)).find((segment) => !segment.sealed);
   if (live === undefined) return undefined;
   const header = new Uint8Array(ENTRY_HEADER_BYTES);
-  const fd = fs.openSync(live.path, "r");
+  const file = openSource(storage, live.path);
   try {
-    if (fs.readSync(fd, header, 0, ENTRY_HEADER_BYTES, 0) < ENTRY_HEADER_BYTES) return undefined;
+    if (file.read(header, ENTRY_HEADER_BYTES, 0) < ENTRY_HEADER_BYTES) return undefined;
   } finally {
-    fs.closeSync(fd);
+    file.close();
   }
   const decoded = decodeEntryHeader(header);
   return decoded.ok ? decoded.header.timeUs : undefined;
@@ -1234,29 +1280,19 @@ async function removeOldFiles(
   plan: CompactPlan,
   step: (step: CompactStep) => void,
 ): Promise<void> {
-  const { fold, manifest, segments } = plan;
+  const { fold, manifest, segments, storage } = plan;
   const old = [
     ...manifest.levels.map((level) => join(logdir, LEVELS_DIR, level.file)),
     ...segments.slice(0, fold.stopOffsetBytes > 0 ? fold.stopIndex + 1 : fold.stopIndex)
       .map((segment) => segment.path),
   ];
   if (fold.foldedEntries === 0) old.length = 0;
-  if (old.length > 0) removeIfExists(old[0]);
+  if (old.length > 0) removeIfExists(old[0], storage);
   step("old-file-removed");
-  // In parallel: an unlink mostly waits for the filesystem to free the file's blocks (and, with
-  // online discard, for the device), and those waits overlap.
-  await Promise.all(old.slice(1).map(removeIfExistsAsync));
-  await syncDirectory(join(logdir, LEVELS_DIR));
-  await syncDirectory(join(logdir, SEGMENTS_DIR));
+  for (const path of old.slice(1)) removeIfExists(path, storage);
+  await syncDirectory(join(logdir, LEVELS_DIR), storage);
+  await syncDirectory(join(logdir, SEGMENTS_DIR), storage);
   step("old-files-removed");
-}
-
-async function removeIfExistsAsync(path: string): Promise<void> {
-  try {
-    await Deno.remove(path);
-  } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1267,54 +1303,55 @@ async function removeIfExistsAsync(path: string): Promise<void> {
  * not name (segments only before the live one), and stray manifest temp files. Runs under the
  * manifest lock so that no writer seals meanwhile.
  */
-function removeLeftovers(logdir: string): Promise<string[]> {
+function removeLeftovers(logdir: string, storage: Storage): Promise<string[]> {
   return withManifestLock(logdir, async () => {
-    const manifest = await readManifest(logdir);
+    const manifest = await readManifest(logdir, storage);
     const removed: string[] = [];
     const levels = new Set(manifest.levels.map((level) => level.file));
     const segments = new Set(manifest.segments.map((segment) => segment.file));
     const liveFrom = nextSeqAfterSealed(manifest);
-    for (const name of await fileNames(join(logdir, LEVELS_DIR))) {
+    for (const name of fileNames(storage, join(logdir, LEVELS_DIR))) {
       if (name.endsWith(TEMP_SUFFIX) || (LEVEL_NAME_PATTERN.test(name) && !levels.has(name))) {
         removed.push(join(logdir, LEVELS_DIR, name));
       }
     }
-    for (const name of await fileNames(join(logdir, SEGMENTS_DIR))) {
+    for (const name of fileNames(storage, join(logdir, SEGMENTS_DIR))) {
       const firstSeq = parseSegmentFileName(name);
       const stale = firstSeq !== undefined && firstSeq < liveFrom && !segments.has(name);
       if (name.endsWith(TEMP_SUFFIX) || stale) removed.push(join(logdir, SEGMENTS_DIR, name));
     }
-    for (const path of removed) removeIfExists(path);
-    removed.push(...removeManifestTemps(logdir));
+    for (const path of removed) removeIfExists(path, storage);
+    removed.push(...removeManifestTemps(storage, logdir));
     if (removed.length > 0) {
-      await syncDirectory(join(logdir, LEVELS_DIR));
-      await syncDirectory(join(logdir, SEGMENTS_DIR));
-      await syncDirectory(logdir);
+      await syncDirectory(join(logdir, LEVELS_DIR), storage);
+      await syncDirectory(join(logdir, SEGMENTS_DIR), storage);
+      await syncDirectory(logdir, storage);
     }
     return removed;
-  });
+  }, storage);
 }
 
 /** Removes `manifest.json.tmp-*` files; only call under the manifest lock (no swap in flight). */
-function removeManifestTemps(logdir: string): string[] {
+function removeManifestTemps(storage: Storage, logdir: string): string[] {
   const removed: string[] = [];
-  for (const name of fs.readdirSync(logdir)) {
+  for (const name of storage.readDir(logdir)) {
     if (name.startsWith(`${MANIFEST_FILE}.tmp-`)) {
-      removeIfExists(join(logdir, name));
+      removeIfExists(join(logdir, name), storage);
       removed.push(join(logdir, name));
     }
   }
   return removed;
 }
 
-async function fileNames(dir: string): Promise<string[]> {
-  const names: string[] = [];
+function fileNames(storage: Storage, dir: string): string[] {
+  let names: string[];
   try {
-    for await (const item of Deno.readDir(dir)) if (item.isFile) names.push(item.name);
+    names = storage.readDir(dir);
   } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
+    if (error instanceof StorageNotFound) return [];
+    throw error;
   }
-  return names;
+  return names.filter((name) => storage.stat(join(dir, name))?.kind === "file");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,10 +5,10 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { assert } from "./_assert.ts";
 import { UsageError } from "./errors.ts";
-import { fdatasync, readFully, writeFully } from "./format/segment.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import { readFully, type Storage, type StorageFile, StorageNotFound } from "./storage/storage.ts";
 
 /** Zeroes are written from one shared buffer of this size. */
 const ZERO_CHUNK_BYTES = 1024 * 1024;
@@ -18,6 +18,8 @@ const zeroChunk = new Uint8Array(ZERO_CHUNK_BYTES);
 export interface DeviceOpenOptions {
   /** Open for reading only. */
   readOnly?: boolean;
+  /** Where the device lives (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /** An open device or image file. */
@@ -26,17 +28,17 @@ export class Device {
   readonly sizeBytes: number;
   readonly isBlockDevice: boolean;
   readonly readOnly: boolean;
-  #fd: number;
+  #file: StorageFile;
 
   private constructor(
     path: string,
-    fd: number,
+    file: StorageFile,
     sizeBytes: number,
     isBlockDevice: boolean,
     readOnly: boolean,
   ) {
     this.path = path;
-    this.#fd = fd;
+    this.#file = file;
     this.sizeBytes = sizeBytes;
     this.isBlockDevice = isBlockDevice;
     this.readOnly = readOnly;
@@ -53,35 +55,36 @@ export class Device {
    * device.close();
    * ```
    */
-  static async open(path: string, options: DeviceOpenOptions = {}): Promise<Device> {
+  static open(path: string, options: DeviceOpenOptions = {}): Promise<Device> {
     const readOnly = options.readOnly === true;
-    let fd: number;
+    const storage = options.storage ?? realStorage;
+    let file: StorageFile;
+    let kind: string | undefined;
     try {
-      fd = fs.openSync(path, readOnly ? "r" : "r+");
+      kind = storage.stat(path)?.kind;
+      if (kind !== undefined && kind !== "file" && kind !== "block-device") {
+        return Promise.reject(
+          new UsageError(`Cannot use ${path} as a device: it is neither a block device nor a file`),
+        );
+      }
+      file = storage.open(path, { write: !readOnly });
     } catch (error) {
-      throw deviceOpenError(path, error);
+      return Promise.reject(deviceOpenError(path, error));
     }
-    const stat = fs.fstatSync(fd);
-    if (!stat.isFile() && !stat.isBlockDevice()) {
-      fs.closeSync(fd);
-      throw new UsageError(
-        `Cannot use ${path} as a device: it is neither a block device nor a file`,
-      );
-    }
-    const sizeBytes = stat.isBlockDevice() ? await blockDeviceSize(path) : stat.size;
-    return new Device(path, fd, sizeBytes, stat.isBlockDevice(), readOnly);
+    const isBlockDevice = kind === "block-device";
+    return Promise.resolve(new Device(path, file, file.sizeBytes(), isBlockDevice, readOnly));
   }
 
   /** Reads `target.length` bytes at `offsetBytes`. */
   readInto(offsetBytes: number, target: Uint8Array): void {
     this.#assertRange(offsetBytes, target.length);
-    readFully(this.#fd, target, target.length, offsetBytes);
+    readFully(this.#file, target, target.length, offsetBytes);
   }
 
   /** Writes `data` at `offsetBytes` (to the page cache). */
   write(offsetBytes: number, data: Uint8Array): void {
     this.#assertWritable(offsetBytes, data.length);
-    writeFully(this.#fd, data, data.length, offsetBytes);
+    this.#file.write(data, data.length, offsetBytes);
   }
 
   /** Writes zeroes over `[offsetBytes, offsetBytes + lengthBytes)`. */
@@ -89,18 +92,18 @@ export class Device {
     this.#assertWritable(offsetBytes, lengthBytes);
     for (let done = 0; done < lengthBytes; done += ZERO_CHUNK_BYTES) {
       const chunkBytes = Math.min(ZERO_CHUNK_BYTES, lengthBytes - done);
-      writeFully(this.#fd, zeroChunk, chunkBytes, offsetBytes + done);
+      this.#file.write(zeroChunk, chunkBytes, offsetBytes + done);
     }
   }
 
   /** Makes every completed write durable. */
   sync(): Promise<void> {
-    return fdatasync(this.#fd);
+    return this.#file.syncData();
   }
 
   /** Closes the device. */
   close(): void {
-    fs.closeSync(this.#fd);
+    this.#file.close();
   }
 
   #assertRange(offsetBytes: number, lengthBytes: number): void {
@@ -117,18 +120,11 @@ export class Device {
   }
 }
 
-async function blockDeviceSize(path: string): Promise<number> {
-  const file = await Deno.open(path, { read: true });
-  try {
-    return await file.seek(0, Deno.SeekMode.End);
-  } finally {
-    file.close();
-  }
-}
-
 function deviceOpenError(path: string, error: unknown): Error {
+  if (error instanceof StorageNotFound) {
+    return new UsageError(`Cannot open device ${path}: no such file`);
+  }
   const code = (error as { code?: string }).code;
-  if (code === "ENOENT") return new UsageError(`Cannot open device ${path}: no such file`);
   if (code === "EACCES" || code === "EPERM") {
     return new UsageError(`Cannot open device ${path}: permission denied (run as root?)`);
   }

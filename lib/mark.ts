@@ -8,6 +8,20 @@ import { encodeMarkName } from "./disk.ts";
 import { BusyError } from "./errors.ts";
 import { LogdirWriter } from "./format/logdir_writer.ts";
 import { requestMark } from "./control.ts";
+import type { Storage } from "./storage/storage.ts";
+
+/** Options of {@linkcode addMark}. */
+export interface MarkOptions {
+  /** Where the logdir lives (default: the local filesystem). */
+  storage?: Storage;
+  /** Wall clock in µs (tests inject one). */
+  clock?: () => number;
+  /**
+   * How to reach the writer that holds the logdir (a running `watch`); undefined when none
+   * listens. Default: its control socket.
+   */
+  requestMark?: typeof requestMark;
+}
 
 /** Where a mark landed. */
 export interface MarkResult {
@@ -19,7 +33,8 @@ export interface MarkResult {
 }
 
 /**
- * Appends mark `name` to `logdir` and makes it durable.
+ * Appends mark `name` to `logdir` and makes it durable. Opened offline, the writer recovers the
+ * logdir like any other and leaves the replay a stopped `watch` still owes to it.
  *
  * @example
  * ```ts
@@ -27,14 +42,22 @@ export interface MarkResult {
  * await addMark("/var/lib/sectorlog/vm1", "before-upgrade");
  * ```
  */
-export async function addMark(logdir: string, name: string): Promise<MarkResult> {
+export async function addMark(
+  logdir: string,
+  name: string,
+  options: MarkOptions = {},
+): Promise<MarkResult> {
   const payload = encodeMarkName(name);
   let writer: LogdirWriter;
   try {
-    writer = await LogdirWriter.open(logdir, { purpose: "mark" });
+    writer = await LogdirWriter.open(logdir, {
+      purpose: "mark",
+      storage: options.storage,
+      clock: options.clock,
+    });
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;
-    const viaWatch = await requestMark(logdir, name);
+    const viaWatch = await (options.requestMark ?? requestMark)(logdir, name);
     if (viaWatch === undefined) throw error;
     return { ...viaWatch, via: "watch" };
   }

@@ -14,7 +14,7 @@ import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "./_assert.ts";
 import { UsageError } from "./errors.ts";
-import { readFully, writeFully } from "./format/segment.ts";
+import { readFully, writeFully } from "./fd_io.ts";
 import type { BackendWriteOptions, BackendZeroOptions, BlockBackend } from "./nbd/backend.ts";
 import type { PastView } from "./past_view.ts";
 

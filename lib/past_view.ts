@@ -29,7 +29,8 @@ import {
 } from "./format/entry.ts";
 import { LEVELS_DIR, listSegments, readLogEntries, readManifest } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
-import { readFully, SegmentScanner } from "./format/segment.ts";
+import { readFully } from "./fd_io.ts";
+import { SegmentScanner } from "./format/segment.ts";
 import type { BackendWriteOptions, BackendZeroOptions, BlockBackend } from "./nbd/backend.ts";
 import { resolveRestorePoint, type RestorePoint } from "./timeline.ts";
 import type { TimeSpec } from "./time.ts";

@@ -5,15 +5,26 @@
  *
  * @module
  */
-import * as fs from "node:fs";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { IntegrityError, UsageError } from "./errors.ts";
 import type { EntryHeader } from "./format/entry.ts";
-import { LEVELS_DIR, readLogEntries, syncDirectory, withConsistentRead } from "./format/logdir.ts";
+import { LEVELS_DIR, readLogEntries, withConsistentRead } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
-import { fdatasync, SegmentScanner, writeFully } from "./format/segment.ts";
-import { dataExtents } from "./data_extents.ts";
-import { copyImage, type CopyResult, type CopyTarget, fdSource, fdTarget } from "./sparse_copy.ts";
+import { SegmentScanner } from "./format/segment.ts";
+import {
+  copyImage,
+  type CopyResult,
+  type CopyTarget,
+  fileSource,
+  fileTarget,
+} from "./sparse_copy.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import {
+  parentOf,
+  type Storage,
+  type StorageFile,
+  unlinkIfExists,
+} from "./storage/storage.ts";
 import { resolveRestorePoint } from "./timeline.ts";
 import type { TimeSpec } from "./time.ts";
 
@@ -44,6 +55,8 @@ export interface RestoreOptions {
    * CRC32C it returns against the manifest's.
    */
   base?: BaseWriter;
+  /** Where the logdir and the output live (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /**
@@ -92,7 +105,9 @@ export function restoreAt(
   options: RestoreOptions = {},
 ): Promise<RestoreResult> {
   const startedMs = performance.now();
-  return withConsistentRead(logdir, () => restoreOnce(logdir, output, options, startedMs));
+  return withConsistentRead(logdir, () => restoreOnce(logdir, output, options, startedMs), {
+    storage: options.storage,
+  });
 }
 
 async function restoreOnce(
@@ -101,19 +116,21 @@ async function restoreOnce(
   options: RestoreOptions,
   startedMs: number,
 ): Promise<RestoreResult> {
+  const storage = options.storage ?? realStorage;
   const point = await resolveRestorePoint(logdir, options.at, options);
   const manifest = point.timeline.manifest;
-  const target = await openOutput(output, manifest.deviceBytes, options.force === true);
+  const target = openOutput(storage, output, manifest.deviceBytes, options.force === true);
   try {
     const progress = progressTracker(manifest, point.timeline.entries, options.onProgress);
-    const base = await writeBase(logdir, manifest, target, progress, options.base);
-    const levelEntriesApplied = await applyLevels(logdir, manifest, target.fd);
+    const base = await writeBase(storage, logdir, manifest, target, progress, options.base);
+    const levelEntriesApplied = await applyLevels(storage, logdir, manifest, target.file);
     let entriesApplied = 0;
     let appliedSeq = point.timeline.applyFromSeq - 1;
     let lastAppliedUs = manifest.horizonUs;
     let stoppedAtCorruption: RestoreResult["stoppedAtCorruption"];
     if (point.targetSeq >= point.timeline.applyFromSeq) {
       const entries = readLogEntries(logdir, manifest, {
+        storage,
         fromSeq: point.timeline.applyFromSeq,
         onCorruption: options.stopAtCorruption === true
           ? (error) => stoppedAtCorruption = corruptionInfo(error)
@@ -121,7 +138,7 @@ async function restoreOnce(
       });
       for await (const { header, payload } of entries) {
         if (header.seq > point.targetSeq) break;
-        if (applyEntry(target.fd, header, payload)) entriesApplied++;
+        if (applyEntry(target.file, header, payload)) entriesApplied++;
         appliedSeq = header.seq;
         lastAppliedUs = header.timeUs;
         progress.entry(header);
@@ -136,7 +153,7 @@ async function restoreOnce(
         { path: stoppedAtCorruption?.path, offsetBytes: stoppedAtCorruption?.offsetBytes },
       );
     }
-    await fdatasync(target.fd);
+    await target.file.syncData();
     await target.commit();
     const complete = appliedSeq >= point.targetSeq;
     return {
@@ -162,28 +179,29 @@ function corruptionInfo(error: IntegrityError): NonNullable<RestoreResult["stopp
 }
 
 /** Applies one entry to an image; returns false for entries that change no bytes. */
-export function applyEntry(fd: number, header: EntryHeader, payload: Uint8Array): boolean {
+export function applyEntry(file: StorageFile, header: EntryHeader, payload: Uint8Array): boolean {
   switch (header.kind) {
     case "write":
-      writeFully(fd, payload, payload.length, header.offsetBytes);
+      file.write(payload, payload.length, header.offsetBytes);
       return true;
     case "zero":
     case "trim":
-      writeZeroes(fd, header.offsetBytes, header.lengthBytes);
+      writeZeroes(file, header.offsetBytes, header.lengthBytes);
       return true;
     default:
       return false;
   }
 }
 
-function writeZeroes(fd: number, offsetBytes: number, lengthBytes: number): void {
+function writeZeroes(file: StorageFile, offsetBytes: number, lengthBytes: number): void {
   for (let done = 0; done < lengthBytes; done += ZERO_CHUNK_BYTES) {
-    writeFully(fd, zeroChunk, Math.min(ZERO_CHUNK_BYTES, lengthBytes - done), offsetBytes + done);
+    file.write(zeroChunk, Math.min(ZERO_CHUNK_BYTES, lengthBytes - done), offsetBytes + done);
   }
 }
 
 /** Writes the base into the output (from the logdir's file or `writer`) and checks its CRC32C. */
 async function writeBase(
+  storage: Storage,
   logdir: string,
   manifest: Manifest,
   target: RestoreTarget,
@@ -193,7 +211,7 @@ async function writeBase(
   const path = join(logdir, manifest.base.file);
   const onProgress = (doneBytes: number) => progress.base(doneBytes);
   const copy = writer === undefined
-    ? await copyBaseFile(path, manifest, target, onProgress)
+    ? await copyBaseFile(storage, path, manifest, target, onProgress)
     : await writer(target.copyTarget, onProgress);
   if (copy.crc32c !== manifest.base.crc32c) {
     throw new IntegrityError(
@@ -205,14 +223,15 @@ async function writeBase(
 }
 
 async function copyBaseFile(
+  storage: Storage,
   path: string,
   manifest: Manifest,
   target: RestoreTarget,
   onProgress: (doneBytes: number) => void,
 ): Promise<CopyResult> {
-  let fd: number;
+  let file: StorageFile;
   try {
-    fd = fs.openSync(path, "r");
+    file = storage.open(path);
   } catch (error) {
     throw new IntegrityError(`Cannot open base snapshot ${path}: ${(error as Error).message}`, {
       path,
@@ -220,31 +239,37 @@ async function copyBaseFile(
     });
   }
   try {
-    const size = fs.fstatSync(fd).size;
+    const size = file.sizeBytes();
     if (size !== manifest.deviceBytes) {
       throw new IntegrityError(
         `Base snapshot ${path} is ${size} bytes, the manifest says ${manifest.deviceBytes}`,
         { path, offsetBytes: Math.min(size, manifest.deviceBytes) },
       );
     }
-    return await copyImage(fdSource(fd, size), target.copyTarget, {
-      extents: dataExtents(path, size),
+    return await copyImage(fileSource(file, size), target.copyTarget, {
+      extents: storage.dataExtents(path, size),
       onProgress,
     });
   } finally {
-    fs.closeSync(fd);
+    file.close();
   }
 }
 
-async function applyLevels(logdir: string, manifest: Manifest, fd: number): Promise<number> {
+async function applyLevels(
+  storage: Storage,
+  logdir: string,
+  manifest: Manifest,
+  file: StorageFile,
+): Promise<number> {
   let applied = 0;
   for (const level of manifest.levels) {
     const scanner = new SegmentScanner(join(logdir, LEVELS_DIR, level.file), {
+      storage,
       tolerateTornTail: false,
       endBytes: level.sizeBytes,
     });
     for await (const { header, payload } of scanner.entries()) {
-      if (applyEntry(fd, header, payload)) applied++;
+      if (applyEntry(file, header, payload)) applied++;
     }
   }
   return applied;
@@ -276,84 +301,83 @@ function progressTracker(
 }
 
 interface RestoreTarget {
-  fd: number;
+  file: StorageFile;
   copyTarget: CopyTarget;
   commit(): Promise<void>;
   abort(): void;
 }
 
 /** Opens the restore output: a temp file renamed into place, or a block device written directly. */
-async function openOutput(
+function openOutput(
+  storage: Storage,
   output: string,
   deviceBytes: number,
   force: boolean,
-): Promise<RestoreTarget> {
-  let stat: fs.Stats | undefined;
-  try {
-    stat = fs.statSync(output);
-  } catch (error) {
-    if ((error as { code?: string }).code !== "ENOENT") throw error;
-  }
+): RestoreTarget {
+  const stat = storage.stat(output);
   if (stat !== undefined && !force) {
     throw new UsageError(`Cannot restore to ${output}: it already exists`, {
       hint: "pass --force to overwrite it",
     });
   }
-  if (stat?.isBlockDevice()) return await openBlockDeviceOutput(output, deviceBytes);
-  if (stat !== undefined && !stat.isFile()) {
+  if (stat?.kind === "block-device") return openBlockDeviceOutput(storage, output, deviceBytes);
+  if (stat !== undefined && stat.kind !== "file") {
     throw new UsageError(`Cannot restore to ${output}: it is neither a file nor a block device`);
   }
   const tempPath = `${output}.partial-${Deno.pid}`;
-  let fd: number;
+  let file: StorageFile;
   try {
-    fd = fs.openSync(tempPath, "w");
+    file = storage.open(tempPath, { create: true, truncate: true });
   } catch (error) {
     throw new UsageError(`Cannot create ${tempPath}: ${(error as Error).message}`, {
       cause: error,
     });
   }
-  fs.ftruncateSync(fd, deviceBytes);
+  file.truncate(deviceBytes);
   let open = true;
   return {
-    fd,
-    copyTarget: fdTarget(fd, true),
+    file,
+    copyTarget: fileTarget(file, true),
     commit: async () => {
-      fs.closeSync(fd);
+      file.close();
       open = false;
-      await Deno.rename(tempPath, output);
-      await syncDirectory(dirname(output) || ".");
+      storage.rename(tempPath, output);
+      await storage.syncDirectory(parentOf(output));
     },
     abort: () => {
-      if (open) fs.closeSync(fd);
+      if (open) file.close();
       open = false;
       try {
-        fs.unlinkSync(tempPath);
+        unlinkIfExists(storage, tempPath);
       } catch { /* already gone */ }
     },
   };
 }
 
-async function openBlockDeviceOutput(output: string, deviceBytes: number): Promise<RestoreTarget> {
-  const file = await Deno.open(output, { read: true });
-  const sizeBytes = await file.seek(0, Deno.SeekMode.End);
-  file.close();
+function openBlockDeviceOutput(
+  storage: Storage,
+  output: string,
+  deviceBytes: number,
+): RestoreTarget {
+  const file = storage.open(output, { write: true });
+  const sizeBytes = file.sizeBytes();
   if (sizeBytes < deviceBytes) {
+    file.close();
     throw new UsageError(
       `Cannot restore to ${output}: the block device is ${sizeBytes} bytes, the image needs ${deviceBytes}`,
     );
   }
-  const fd = fs.openSync(output, "r+");
   let open = true;
   return {
-    fd,
-    copyTarget: fdTarget(fd, false),
+    file,
+    copyTarget: fileTarget(file, false),
     commit: () => {
-      fs.closeSync(fd);
+      file.close();
       open = false;
       return Promise.resolve();
     },
     abort: () => {
-      if (open) fs.closeSync(fd);
+      if (open) file.close();
       open = false;
     },
   };

@@ -172,7 +172,7 @@ class DifferenceWriter {
     const old = this.#old.subarray(0, lengthBytes);
     const current = this.#current.subarray(0, lengthBytes);
     this.#view.readSync(offsetBytes, old);
-    this.#disk.device.readInto(offsetBytes, current);
+    this.#disk.readSync(offsetBytes, current);
     let runStart = -1;
     for (let block = 0; block < lengthBytes; block += BLOCK_BYTES) {
       const blockEnd = Math.min(lengthBytes, block + BLOCK_BYTES);
@@ -205,7 +205,7 @@ function compareWhole(disk: LogAssistedDisk, view: PastView): number {
   for (let offset = 0; offset < view.sizeBytes; offset += CHUNK_BYTES) {
     const lengthBytes = Math.min(CHUNK_BYTES, view.sizeBytes - offset);
     view.readSync(offset, old.subarray(0, lengthBytes));
-    disk.device.readInto(offset, current.subarray(0, lengthBytes));
+    disk.readSync(offset, current.subarray(0, lengthBytes));
     for (let i = 0; i < lengthBytes; i++) {
       if (old[i] !== current[i]) {
         throw new IntegrityError(

@@ -3,10 +3,10 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { join } from "node:path";
 import { Device } from "./device.ts";
 import { requestSeal } from "./control.ts";
+import { LogAssistedDisk } from "./disk.ts";
 import { BusyError, UsageError } from "./errors.ts";
 import {
   baseFileName,
@@ -20,16 +20,15 @@ import {
   withManifestLock,
   writeManifest,
 } from "./format/logdir.ts";
-import { LogdirWriter } from "./format/logdir_writer.ts";
 import {
   type BaseInfo,
   type Manifest,
   MANIFEST_FORMAT,
   MANIFEST_FORMAT_VERSION,
 } from "./format/manifest.ts";
-import { fdatasync } from "./format/segment.ts";
-import { dataExtents } from "./data_extents.ts";
-import { copyImage, deviceSource, fdTarget } from "./sparse_copy.ts";
+import { copyImage, type CopySource, deviceSource, fileTarget } from "./sparse_copy.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import { parentOf, type Storage } from "./storage/storage.ts";
 import { formatTimeUtc, nowUs } from "./time.ts";
 
 /** The sector size recorded for every device. */
@@ -51,6 +50,13 @@ export interface SnapshotOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void;
   /** Wall clock in µs (tests inject one). */
   clock?: () => number;
+  /** Where the device and the logdir live (default: the local filesystem). */
+  storage?: Storage;
+  /**
+   * How to ask the writer that holds the logdir (a running `watch`) to seal its live segment;
+   * undefined when none listens. Default: its control socket.
+   */
+  requestSeal?: (logdir: string) => Promise<{ nextSeq: number } | undefined>;
 }
 
 /** What {@linkcode takeSnapshot} made. */
@@ -84,7 +90,8 @@ export async function takeSnapshot(
   logdir: string,
   options: SnapshotOptions = {},
 ): Promise<SnapshotResult> {
-  const existing = await readExistingManifest(logdir);
+  const storage = options.storage ?? realStorage;
+  const existing = await readExistingManifest(logdir, storage);
   if (existing === undefined && options.refresh === true) {
     throw new UsageError(`Cannot refresh the snapshot of ${logdir}: it has no base snapshot yet`, {
       hint: `run \`sectorlog snapshot <device> ${logdir}\` without --refresh`,
@@ -101,40 +108,74 @@ export async function takeSnapshot(
       },
     );
   }
-  await Deno.mkdir(logdir, { recursive: true });
-  await ensureLogdirFolders(logdir);
+  const created = storage.stat(logdir) === undefined;
+  storage.mkdir(logdir, { recursive: true });
+  // A new logdir's own name must survive a power cut once the snapshot says it is done.
+  if (created) await syncDirectory(parentOf(logdir), storage);
+  await ensureLogdirFolders(logdir, storage);
   if (existing === undefined) {
-    const lock = await LogdirLock.acquire(logdir, "snapshot");
+    const lock = await LogdirLock.acquire(logdir, "snapshot", { storage });
     try {
-      return await snapshotInto(devicePath, logdir, undefined, 1, options);
+      const device = await Device.open(devicePath, { readOnly: true, storage });
+      try {
+        return await snapshotInto(deviceSource(device), device, logdir, undefined, 1, options);
+      } finally {
+        device.close();
+      }
     } finally {
       lock.release();
     }
   }
   // Replacing a base: every entry before the copy begins must be in a sealed segment (so it can
-  // be dropped) and on the device (so the copy sees it). With no writer running, hold the writer
-  // lock during the copy; with `watch` running, ask it to seal, and let it append during the copy:
-  // its entries from the seal on are replayed over the new base.
-  let writer: LogdirWriter;
+  // be dropped) and on the device (so the copy sees it). With no writer running, open the disk
+  // as its writer: that recovers it as watch does (re-applies what the device may lack) and
+  // keeps others off during the copy. With `watch` running, ask it to seal, and let it append
+  // during the copy: its entries from the seal on are replayed over the new base.
+  let disk: LogAssistedDisk;
   try {
-    writer = await LogdirWriter.open(logdir, { purpose: "snapshot" });
+    disk = await LogAssistedDisk.open(devicePath, logdir, {
+      purpose: "snapshot",
+      storage,
+      clock: options.clock,
+    });
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;
-    const sealed = await requestSeal(logdir);
+    const sealed = await (options.requestSeal ?? requestSeal)(logdir);
     if (sealed === undefined) throw error;
-    return await snapshotInto(devicePath, logdir, existing, sealed.nextSeq, options);
+    const device = await Device.open(devicePath, { readOnly: true, storage });
+    try {
+      return await snapshotInto(
+        deviceSource(device),
+        device,
+        logdir,
+        existing,
+        sealed.nextSeq,
+        options,
+      );
+    } finally {
+      device.close();
+    }
   }
   try {
-    const replayFromSeq = await writer.rotate();
-    return await snapshotInto(devicePath, logdir, existing, replayFromSeq, options);
+    const replayFromSeq = await disk.writer!.rotate();
+    const source: CopySource = {
+      sizeBytes: disk.sizeBytes,
+      readInto: (offsetBytes, target) => disk.readSync(offsetBytes, target),
+    };
+    return await snapshotInto(source, disk.device, logdir, existing, replayFromSeq, options, {
+      lastStampUs: () => disk.writer!.lastTimeUs,
+    });
   } finally {
-    await writer.close();
+    await disk.close();
   }
 }
 
-async function readExistingManifest(logdir: string): Promise<Manifest | undefined> {
+async function readExistingManifest(
+  logdir: string,
+  storage: Storage,
+): Promise<Manifest | undefined> {
   try {
-    return await readManifest(logdir);
+    return await readManifest(logdir, storage);
   } catch (error) {
     if (error instanceof UsageError) return undefined;
     throw error;
@@ -142,57 +183,59 @@ async function readExistingManifest(logdir: string): Promise<Manifest | undefine
 }
 
 async function snapshotInto(
-  devicePath: string,
+  source: CopySource,
+  device: Device,
   logdir: string,
   existing: Manifest | undefined,
   replayFromSeq: number,
   options: SnapshotOptions,
+  writer: { lastStampUs(): number } | undefined = undefined,
 ): Promise<SnapshotResult> {
+  const storage = options.storage ?? realStorage;
   const clock = options.clock ?? nowUs;
-  const device = await Device.open(devicePath, { readOnly: true });
+  const startedUs = clock();
+  const file = baseFileName(startedUs);
+  const path = join(logdir, file);
+  const tempPath = `${path}.partial`;
+  const target = storage.open(tempPath, { create: true, truncate: true });
+  let copy;
   try {
-    const startedUs = clock();
-    const file = baseFileName(startedUs);
-    const path = join(logdir, file);
-    const tempPath = `${path}.partial`;
-    const fd = fs.openSync(tempPath, "w");
-    let copy;
-    try {
-      fs.ftruncateSync(fd, device.sizeBytes);
-      copy = await copyImage(deviceSource(device), fdTarget(fd, true), {
-        // An image file's holes are skipped; a block device reports all of itself as data.
-        extents: device.isBlockDevice ? undefined : dataExtents(devicePath, device.sizeBytes),
-        onProgress: options.onProgress,
-      });
-      await fdatasync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    await Deno.rename(tempPath, path);
-    const endedUs = Math.max(clock(), startedUs);
-    const base: BaseInfo = {
-      file,
-      startedUs,
-      endedUs,
-      replayFromSeq,
-      crc32c: copy.crc32c,
-      dataBytes: copy.dataBytes,
-    };
-    await installBase(logdir, existing, base, device.sizeBytes, options, endedUs);
-    return {
-      logdir,
-      baseFile: file,
-      deviceBytes: device.sizeBytes,
-      dataBytes: copy.dataBytes,
-      crc32c: copy.crc32c,
-      startedUs,
-      endedUs,
-      replayFromSeq,
-      replaced: existing !== undefined,
-    };
+    target.truncate(device.sizeBytes);
+    copy = await copyImage(source, fileTarget(target, true), {
+      // An image file's holes are skipped; a block device reports all of itself as data.
+      extents: device.isBlockDevice
+        ? undefined
+        : storage.dataExtents(device.path, device.sizeBytes),
+      onProgress: options.onProgress,
+    });
+    await target.syncData();
   } finally {
-    device.close();
+    target.close();
   }
+  storage.rename(tempPath, path);
+  // The copy may hold any entry stamped up to the writer's last stamp when it ended, which a
+  // clock that stepped back leaves ahead of this clock: the horizon is the later of the two.
+  const endedUs = Math.max(clock(), startedUs, writer?.lastStampUs() ?? startedUs);
+  const base: BaseInfo = {
+    file,
+    startedUs,
+    endedUs,
+    replayFromSeq,
+    crc32c: copy.crc32c,
+    dataBytes: copy.dataBytes,
+  };
+  await installBase(logdir, existing, base, device.sizeBytes, options, endedUs);
+  return {
+    logdir,
+    baseFile: file,
+    deviceBytes: device.sizeBytes,
+    dataBytes: copy.dataBytes,
+    crc32c: copy.crc32c,
+    startedUs,
+    endedUs,
+    replayFromSeq,
+    replaced: existing !== undefined,
+  };
 }
 
 /** Swaps the manifest to the new base, then removes the files only the old base needed. */
@@ -204,8 +247,11 @@ async function installBase(
   options: SnapshotOptions,
   endedUs: number,
 ): Promise<void> {
+  const storage = options.storage ?? realStorage;
+  // The renamed base must be durable before a manifest names it.
+  await syncDirectory(logdir, storage);
   await withManifestLock(logdir, async () => {
-    const current = existing === undefined ? undefined : await readManifest(logdir);
+    const current = existing === undefined ? undefined : await readManifest(logdir, storage);
     // Segments sealed by a running writer during the copy hold entries the new base replays.
     const kept = (current?.segments ?? []).filter((s) => s.firstSeq >= base.replayFromSeq);
     const dropped = (current?.segments ?? []).filter((s) => s.firstSeq < base.replayFromSeq);
@@ -223,13 +269,17 @@ async function installBase(
       segments: kept,
       compactedMarks: [],
     };
-    await writeManifest(logdir, manifest);
+    await writeManifest(logdir, manifest, storage);
     if (current === undefined) return;
-    removeIfExists(join(logdir, current.base.file));
-    for (const level of current.levels) removeIfExists(join(logdir, LEVELS_DIR, level.file));
-    for (const segment of dropped) {
-      removeIfExists(join(logdir, SEGMENTS_DIR, segment.file));
+    removeIfExists(join(logdir, current.base.file), storage);
+    for (const level of current.levels) {
+      removeIfExists(join(logdir, LEVELS_DIR, level.file), storage);
     }
-  });
-  await syncDirectory(logdir);
+    for (const segment of dropped) {
+      removeIfExists(join(logdir, SEGMENTS_DIR, segment.file), storage);
+    }
+  }, storage);
+  await syncDirectory(logdir, storage);
+  await syncDirectory(join(logdir, LEVELS_DIR), storage);
+  await syncDirectory(join(logdir, SEGMENTS_DIR), storage);
 }

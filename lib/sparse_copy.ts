@@ -7,7 +7,8 @@
 import { crc32c, crc32cCombine, crc32cHex, crc32cOfZeros } from "./checksum.ts";
 import type { Extent } from "./data_extents.ts";
 import type { Device } from "./device.ts";
-import { readFully, writeFully } from "./format/segment.ts";
+import { readFully as readFdFully, writeFully as writeFdFully } from "./fd_io.ts";
+import { readFully, type StorageFile } from "./storage/storage.ts";
 
 /** Bytes read per step of a copy (large reads are several times faster on a cold cache). */
 export const COPY_CHUNK_BYTES = 8 * 1024 * 1024;
@@ -173,14 +174,30 @@ export function writeNonZeroRuns(
   return written;
 }
 
-/** A copy source over a raw file descriptor. */
-export function fdSource(fd: number, sizeBytes: number): CopySource {
-  return { sizeBytes, readInto: (offset, target) => readFully(fd, target, target.length, offset) };
+/** A copy source over an open file. */
+export function fileSource(file: StorageFile, sizeBytes: number): CopySource {
+  return {
+    sizeBytes,
+    readInto: (offset, target) => readFully(file, target, target.length, offset),
+  };
 }
 
-/** A copy target over a raw file descriptor. */
+/** A copy target over an open file. */
+export function fileTarget(file: StorageFile, holesAreZero: boolean): CopyTarget {
+  return { holesAreZero, write: (offset, data) => file.write(data, data.length, offset) };
+}
+
+/** A copy target over a raw file descriptor (object-storage parts). */
 export function fdTarget(fd: number, holesAreZero: boolean): CopyTarget {
-  return { holesAreZero, write: (offset, data) => writeFully(fd, data, data.length, offset) };
+  return { holesAreZero, write: (offset, data) => writeFdFully(fd, data, data.length, offset) };
+}
+
+/** A copy source over a raw file descriptor. */
+export function fdSource(fd: number, sizeBytes: number): CopySource {
+  return {
+    sizeBytes,
+    readInto: (offset, target) => readFdFully(fd, target, target.length, offset),
+  };
 }
 
 /** A copy source over an open device. */

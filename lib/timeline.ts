@@ -7,6 +7,8 @@
 import { type IntegrityError, UsageError } from "./errors.ts";
 import { readLogEntries, readManifest, scanHeaders } from "./format/logdir.ts";
 import type { CompactedMark, Manifest } from "./format/manifest.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import type { Storage } from "./storage/storage.ts";
 import { formatTimeLocal, formatTimeUtc, nowUs, type TimeSpec } from "./time.ts";
 
 /** Most marks a timeline lists (older ones are still resolvable by name during a scan). */
@@ -60,6 +62,8 @@ export interface ResolveOptions {
   nowUs?: number;
   /** Treat the first corrupt entry as the end of the log instead of failing. */
   stopAtCorruption?: boolean;
+  /** Where the logdir lives (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /** The first seq a restore applies after the base and levels. */
@@ -95,6 +99,7 @@ async function scan(
   manifest: Manifest,
   target: ScanTarget,
   onCorruption?: (error: IntegrityError) => void,
+  storage?: Storage,
 ): Promise<ScanState> {
   const fromSeq = applyFromSeq(manifest);
   const horizonUs = manifest.horizonUs;
@@ -142,7 +147,7 @@ async function scan(
       state.atOrBefore = point;
       if (header.kind === "flush") state.flushAtOrBefore = point;
     }
-  }, { fromSeq, onCorruption });
+  }, { fromSeq, onCorruption, storage });
   if (target.markName !== undefined) {
     state.atOrBefore = state.markHit;
     state.flushAtOrBefore = flushBeforeMark;
@@ -153,9 +158,12 @@ async function scan(
 }
 
 /** Reads the manifest and scans every header once to describe the logdir's timeline. */
-export async function readTimeline(logdir: string): Promise<Timeline> {
-  const manifest = await readManifest(logdir);
-  return toTimeline(manifest, await scan(logdir, manifest, {}));
+export async function readTimeline(
+  logdir: string,
+  storage: Storage = realStorage,
+): Promise<Timeline> {
+  const manifest = await readManifest(logdir, storage);
+  return toTimeline(manifest, await scan(logdir, manifest, {}, undefined, storage));
 }
 
 function compactedToInfo(mark: CompactedMark): MarkInfo {
@@ -192,7 +200,7 @@ export async function resolveRestorePoint(
   spec: TimeSpec | undefined,
   options: ResolveOptions = {},
 ): Promise<RestorePoint> {
-  const manifest = await readManifest(logdir);
+  const manifest = await readManifest(logdir, options.storage);
   const target: ScanTarget = spec === undefined
     ? {}
     : spec.kind === "instant"
@@ -210,7 +218,7 @@ export async function resolveRestorePoint(
       };
     }
     : undefined;
-  const state = await scan(logdir, manifest, target, onCorruption);
+  const state = await scan(logdir, manifest, target, onCorruption, options.storage);
   if (spec?.kind === "mark") {
     const hit = state.markHit;
     if (hit === undefined) {

@@ -4,14 +4,14 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { join } from "node:path";
 import { IntegrityError } from "./errors.ts";
 import { LEVELS_DIR, readLogEntries, readManifest, withConsistentRead } from "./format/logdir.ts";
 import type { Manifest } from "./format/manifest.ts";
 import { SegmentScanner } from "./format/segment.ts";
-import { dataExtents } from "./data_extents.ts";
-import { copyImage, fdSource } from "./sparse_copy.ts";
+import { copyImage, fileSource } from "./sparse_copy.ts";
+import { realStorage } from "./storage/real_storage.ts";
+import type { Storage, StorageFile } from "./storage/storage.ts";
 import { applyFromSeq } from "./timeline.ts";
 
 /** One problem found by {@linkcode verifyLogdir}. */
@@ -41,6 +41,8 @@ export interface VerifyResult {
 /** Options of {@linkcode verifyLogdir}. */
 export interface VerifyOptions {
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** Where the logdir lives (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /**
@@ -60,15 +62,17 @@ export function verifyLogdir(
 ): Promise<VerifyResult> {
   return withConsistentRead(logdir, () => verifyOnce(logdir, options), {
     isProblem: (result) => !result.ok,
+    storage: options.storage,
   });
 }
 
 async function verifyOnce(logdir: string, options: VerifyOptions): Promise<VerifyResult> {
-  const manifest = await readManifest(logdir);
+  const storage = options.storage ?? realStorage;
+  const manifest = await readManifest(logdir, storage);
   const problems: VerifyProblem[] = [];
-  const baseCrc32c = await verifyBase(logdir, manifest, problems, options);
+  const baseCrc32c = await verifyBase(storage, logdir, manifest, problems, options);
   let bytesChecked = manifest.deviceBytes;
-  const levelEntries = await verifyLevels(logdir, manifest, problems);
+  const levelEntries = await verifyLevels(storage, logdir, manifest, problems);
   const result: VerifyResult = {
     ok: false,
     problems,
@@ -83,6 +87,7 @@ async function verifyOnce(logdir: string, options: VerifyOptions): Promise<Verif
   const segmentPaths = new Set<string>();
   try {
     const entries = readLogEntries(logdir, manifest, {
+      storage,
       onTornTail: (tail) => result.tornTail = tail,
     });
     for await (const entry of entries) {
@@ -106,15 +111,16 @@ async function verifyOnce(logdir: string, options: VerifyOptions): Promise<Verif
 }
 
 async function verifyBase(
+  storage: Storage,
   logdir: string,
   manifest: Manifest,
   problems: VerifyProblem[],
   options: VerifyOptions,
 ): Promise<string> {
   const path = join(logdir, manifest.base.file);
-  let fd: number;
+  let file: StorageFile;
   try {
-    fd = fs.openSync(path, "r");
+    file = storage.open(path);
   } catch (error) {
     problems.push({
       path,
@@ -123,7 +129,7 @@ async function verifyBase(
     return "";
   }
   try {
-    const size = fs.fstatSync(fd).size;
+    const size = file.sizeBytes();
     if (size !== manifest.deviceBytes) {
       problems.push({
         path,
@@ -134,8 +140,8 @@ async function verifyBase(
       return "";
     }
     const sink = { holesAreZero: true, write: () => {} };
-    const copy = await copyImage(fdSource(fd, size), sink, {
-      extents: dataExtents(path, size),
+    const copy = await copyImage(fileSource(file, size), sink, {
+      extents: storage.dataExtents(path, size),
       onProgress: options.onProgress,
     });
     if (copy.crc32c !== manifest.base.crc32c) {
@@ -147,11 +153,12 @@ async function verifyBase(
     }
     return copy.crc32c;
   } finally {
-    fs.closeSync(fd);
+    file.close();
   }
 }
 
 async function verifyLevels(
+  storage: Storage,
   logdir: string,
   manifest: Manifest,
   problems: VerifyProblem[],
@@ -161,6 +168,7 @@ async function verifyLevels(
     const path = join(logdir, LEVELS_DIR, level.file);
     try {
       const scanner = new SegmentScanner(path, {
+        storage,
         tolerateTornTail: false,
         endBytes: level.sizeBytes,
       });

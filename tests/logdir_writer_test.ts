@@ -103,9 +103,11 @@ Deno.test("LogdirWriter seals full segments into the manifest with their seq, ti
       purpose: "test",
       clock: clock.fn,
       segmentBytesMax: 2 * ENTRY_BYTES + 1,
-      beforeSeal: () => {
-        seals++;
-        return Promise.resolve();
+      device: {
+        syncThrough: () => {
+          seals++;
+          return Promise.resolve();
+        },
       },
     });
     const times: number[] = [];
@@ -161,7 +163,11 @@ Deno.test("LogdirWriter.rotate() of an empty live segment changes nothing", asyn
     const clock = new FakeClock();
     const logdir = await makeLogdir(dir, clock);
     const before = fs.readFileSync(join(logdir, "manifest.json"));
-    const writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    const writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       await writer.rotate();
       assert.equal(writer.nextSeq, 1);
@@ -199,7 +205,11 @@ Deno.test("LogdirWriter stamps seq + 1 and clamps time when the clock steps back
     }
     // Reopening learns the last stamp from the live segment and keeps clamping to it.
     clock.nowUs = horizonUs;
-    writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       assert.equal(writer.lastTimeUs, horizonUs + 9000);
       stamps.push(toStamp(await appendWrite(writer, 6)));
@@ -226,7 +236,11 @@ Deno.test("LogdirWriter.sync() group-commits many concurrent calls into far fewe
   await withTempDir(async (dir) => {
     const clock = new FakeClock();
     const logdir = await makeLogdir(dir, clock);
-    const writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    const writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       const before = writer.syncCount;
       const calls: Promise<void>[] = [];
@@ -256,7 +270,11 @@ Deno.test("LogdirWriter.open() after close continues the seq in the same live se
   await withTempDir(async (dir) => {
     const clock = new FakeClock();
     const logdir = await makeLogdir(dir, clock);
-    let writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    let writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       await appendWrite(writer, 1);
       await appendWrite(writer, 2);
@@ -266,15 +284,21 @@ Deno.test("LogdirWriter.open() after close continues the seq in the same live se
     } finally {
       await writer.close();
     }
-    writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       const livePath = join(logdir, SEGMENTS_DIR, segmentFileName(1));
       assert.deepEqual(writer.recovery, {
         tornBytes: 0,
         tornProblem: undefined,
+        removedFiles: [],
         segmentPath: livePath,
         validBytes: 4 * ENTRY_BYTES + ENTRY_HEADER_BYTES,
-        unflushedFromSeq: 4,
+        replayFromSeq: 6,
+        lastChangeSeq: 5,
       });
       assert.equal(writer.nextSeq, 6);
       assert.equal((await appendWrite(writer, 6)).seq, 6);
@@ -282,7 +306,11 @@ Deno.test("LogdirWriter.open() after close continues the seq in the same live se
       await writer.close({ seal: true });
     }
     // After a seal the next writer starts a new live segment at the next seq.
-    writer = await LogdirWriter.open(logdir, { purpose: "test", clock: clock.fn });
+    writer = await LogdirWriter.open(logdir, {
+      purpose: "test",
+      clock: clock.fn,
+      journalOnly: true,
+    });
     try {
       assert.equal(writer.nextSeq, 7);
       assert.equal(writer.recovery.segmentPath, join(logdir, SEGMENTS_DIR, segmentFileName(7)));
@@ -310,7 +338,8 @@ Deno.test({
           clock: clock.fn,
           lock,
           segmentBytesMax: 2 * ENTRY_BYTES + 1,
-          beforeSeal: () => new Promise(() => {}), // the seal never reaches the manifest
+          // The device never answers: the seal never reaches the manifest.
+          device: { syncThrough: () => new Promise(() => {}) },
         });
         for (let i = 1; i <= 5; i++) {
           clock.advance(1000);
@@ -324,9 +353,9 @@ Deno.test({
           purpose: "test",
           clock: clock.fn,
           lock,
+          journalOnly: true,
         });
         assert.equal(recovered.nextSeq, 6);
-        assert.equal(recovered.recovery.unflushedFromSeq, 1, "no flush: replay from the first");
         const manifest = await readManifest(logdir);
         assert.deepEqual(manifest.segments.map((s) => [s.firstSeq, s.lastSeq]), [[1, 3]]);
         clock.advance(1000);
@@ -367,7 +396,7 @@ Deno.test("LogdirWriter.appendExistingRun() writes the same segments as one appe
         await Deno.mkdir(join(dir, name));
         await makeLogdir(join(dir, name), new FakeClock(clock.nowUs));
       }
-      const options = { purpose: "test", segmentBytesMax: 8 * 1024 };
+      const options = { purpose: "test", segmentBytesMax: 8 * 1024, journalOnly: true };
       const one = await LogdirWriter.open(join(logdirs[0], "log"), options);
       for (const [i, header] of headers.entries()) {
         await one.ready();

@@ -10,15 +10,25 @@
  *                            the one after them is the live (active) segment
  *   levels/<hex seq>.lvl     compacted levels
  *   lock                     flock'd by the writer; holds its pid
+ *   synced                   the sync record: what the writer knows to be durable
  *   control.sock             the running writer's control socket (watch)
  * ```
  *
  * @module
  */
-import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "../_assert.ts";
 import { BusyError, IntegrityError, UsageError } from "../errors.ts";
+import { realStorage } from "../storage/real_storage.ts";
+import {
+  exists,
+  readTextFile,
+  replaceFileDurably,
+  type Storage,
+  type StorageFile,
+  StorageNotFound,
+  unlinkIfExists,
+} from "../storage/storage.ts";
 import type { EntryHeader } from "./entry.ts";
 import {
   decodeManifest,
@@ -29,6 +39,7 @@ import {
   type SegmentInfo,
 } from "./manifest.ts";
 import { parseSegmentFileName, type ScannedEntry, SegmentScanner } from "./segment.ts";
+import { readSyncRecord, SYNC_RECORD_FILE, type SyncRecord } from "./sync_record.ts";
 
 /** File names inside a logdir. */
 export const MANIFEST_FILE = "manifest.json";
@@ -49,36 +60,44 @@ export const LOCK_FILE = "lock";
 export const CONTROL_SOCKET_FILE = "control.sock";
 
 /** Reads and validates the manifest of `logdir`, with a helpful error when there is none. */
-export async function readManifest(logdir: string): Promise<Manifest> {
+export function readManifest(logdir: string, storage: Storage = realStorage): Promise<Manifest> {
   const path = join(logdir, MANIFEST_FILE);
   let text: string;
   try {
-    const stat = await Deno.stat(path);
-    if (stat.size > MANIFEST_BYTES_MAX) {
-      throw new IntegrityError(`Manifest ${path} is ${stat.size} bytes: too large`, { path });
-    }
-    text = await Deno.readTextFile(path);
+    text = readTextFile(storage, path, MANIFEST_BYTES_MAX);
   } catch (error) {
-    if (error instanceof Deno.errors.NotFound) {
-      const what = await exists(logdir) ? "it has no manifest.json" : "no such directory";
-      throw new UsageError(`Cannot open logdir ${logdir}: ${what}`, {
-        hint: `run \`sectorlog snapshot <device> ${logdir}\` first`,
-      });
+    if (error instanceof StorageNotFound) {
+      const what = exists(storage, logdir) ? "it has no manifest.json" : "no such directory";
+      return Promise.reject(
+        new UsageError(`Cannot open logdir ${logdir}: ${what}`, {
+          hint: `run \`sectorlog snapshot <device> ${logdir}\` first`,
+        }),
+      );
     }
-    throw error;
+    if (error instanceof RangeError) {
+      return Promise.reject(new IntegrityError(`Manifest ${error.message}: too large`, { path }));
+    }
+    return Promise.reject(error);
   }
-  return decodeManifest(text, path);
+  try {
+    return Promise.resolve(decodeManifest(text, path));
+  } catch (error) {
+    return Promise.reject(error);
+  }
 }
 
 /**
  * The manifest's current bytes, to tell whether it changed during a long read: a compaction (or
  * a seal) may replace it, and a compaction then deletes files the old manifest named.
  */
-export async function manifestFingerprint(logdir: string): Promise<string> {
+export function manifestFingerprint(
+  logdir: string,
+  storage: Storage = realStorage,
+): Promise<string> {
   try {
-    return await Deno.readTextFile(join(logdir, MANIFEST_FILE));
+    return Promise.resolve(readTextFile(storage, join(logdir, MANIFEST_FILE), MANIFEST_BYTES_MAX));
   } catch {
-    return "";
+    return Promise.resolve("");
   }
 }
 
@@ -91,21 +110,23 @@ export async function manifestFingerprint(logdir: string): Promise<string> {
 export async function withConsistentRead<T>(
   logdir: string,
   read: () => Promise<T>,
-  options: { isProblem?: (result: T) => boolean } = {},
+  options: { isProblem?: (result: T) => boolean; storage?: Storage } = {},
 ): Promise<T> {
+  const storage = options.storage ?? realStorage;
   for (let attempt = 1;; attempt++) {
-    const before = await manifestFingerprint(logdir);
+    const before = await manifestFingerprint(logdir, storage);
     let result: T;
     try {
       result = await read();
     } catch (error) {
       const retry = error instanceof IntegrityError && attempt < CONSISTENT_READ_ATTEMPTS_MAX &&
-        (await manifestFingerprint(logdir)) !== before;
+        (await manifestFingerprint(logdir, storage)) !== before;
       if (!retry) throw error;
       continue;
     }
     const suspicious = options.isProblem?.(result) === true &&
-      attempt < CONSISTENT_READ_ATTEMPTS_MAX && (await manifestFingerprint(logdir)) !== before;
+      attempt < CONSISTENT_READ_ATTEMPTS_MAX &&
+      (await manifestFingerprint(logdir, storage)) !== before;
     if (!suspicious) return result;
   }
 }
@@ -114,47 +135,28 @@ export async function withConsistentRead<T>(
 export const CONSISTENT_READ_ATTEMPTS_MAX = 3;
 
 /** Replaces the manifest atomically: write temp, fsync, rename over, fsync the directory. */
-export async function writeManifest(logdir: string, manifest: Manifest): Promise<void> {
-  const path = join(logdir, MANIFEST_FILE);
-  const tempPath = `${path}.tmp-${Deno.pid}`;
-  const file = await Deno.open(tempPath, { write: true, create: true, truncate: true });
-  try {
-    const bytes = new TextEncoder().encode(encodeManifest(manifest));
-    let done = 0;
-    while (done < bytes.length) done += await file.write(bytes.subarray(done));
-    await file.syncData();
-  } finally {
-    file.close();
-  }
-  await Deno.rename(tempPath, path);
-  await syncDirectory(logdir);
+export async function writeManifest(
+  logdir: string,
+  manifest: Manifest,
+  storage: Storage = realStorage,
+): Promise<void> {
+  const bytes = new TextEncoder().encode(encodeManifest(manifest));
+  await replaceFileDurably(storage, join(logdir, MANIFEST_FILE), bytes, {
+    tempSuffix: `.tmp-${Deno.pid}`,
+  });
 }
 
 /** fsyncs a directory so that a rename or create inside it is durable. */
-export async function syncDirectory(path: string): Promise<void> {
-  const dir = await Deno.open(path, { read: true });
-  try {
-    await dir.sync();
-  } finally {
-    dir.close();
-  }
-}
-
-async function exists(path: string): Promise<boolean> {
-  try {
-    await Deno.stat(path);
-    return true;
-  } catch {
-    return false;
-  }
+export function syncDirectory(path: string, storage: Storage = realStorage): Promise<void> {
+  return storage.syncDirectory(path);
 }
 
 /** The exclusive writer lock of a logdir (flock on `logdir/lock`, which holds the pid). */
 export class LogdirLock {
   readonly path: string;
-  #file: Deno.FsFile | undefined;
+  #file: StorageFile | undefined;
 
-  private constructor(path: string, file: Deno.FsFile) {
+  private constructor(path: string, file: StorageFile) {
     this.path = path;
     this.#file = file;
   }
@@ -163,32 +165,48 @@ export class LogdirLock {
    * Takes the lock or throws {@linkcode BusyError} naming the holder's pid. `options.file` names
    * another lock file in the logdir (compaction has its own), `options.heldBy` says who holds it.
    */
-  static async acquire(
+  static acquire(
     logdir: string,
     purpose: string,
-    options: { file?: string; heldBy?: string } = {},
+    options: { file?: string; heldBy?: string; storage?: Storage } = {},
   ): Promise<LogdirLock> {
+    const storage = options.storage ?? realStorage;
     const path = join(logdir, options.file ?? LOCK_FILE);
-    const file = await Deno.open(path, { read: true, write: true, create: true });
-    if (!(await file.tryLock(true))) {
+    let file: StorageFile;
+    try {
+      file = storage.open(path, { create: true });
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    if (!file.tryLock()) {
       file.close();
-      const holder = await readLockHolder(path);
-      throw new BusyError(
-        `Cannot ${purpose} ${logdir}: ${options.heldBy ?? "another process holds its lock"}` +
-          (holder === undefined ? ` (${path})` : ` (pid ${holder.pid}, ${holder.purpose})`),
-        { holderPid: holder?.pid },
+      const holder = readLockHolder(path, storage);
+      return Promise.reject(
+        new BusyError(
+          `Cannot ${purpose} ${logdir}: ${options.heldBy ?? "another process holds its lock"}` +
+            (holder === undefined ? ` (${path})` : ` (pid ${holder.pid}, ${holder.purpose})`),
+          { holderPid: holder?.pid },
+        ),
       );
     }
-    await file.truncate(0);
-    await file.write(new TextEncoder().encode(`${Deno.pid} ${purpose}\n`));
-    return new LogdirLock(path, file);
+    try {
+      const text = new TextEncoder().encode(`${Deno.pid} ${purpose}\n`);
+      file.truncate(0);
+      file.write(text, text.length, 0);
+    } catch (error) {
+      file.close();
+      return Promise.reject(error);
+    }
+    return Promise.resolve(new LogdirLock(path, file));
   }
 
   /** Releases the lock. */
   release(): void {
     if (this.#file === undefined) return;
     try {
-      this.#file.truncateSync(0);
+      this.#file.truncate(0);
+    } catch {
+      // A writer that cannot empty its lock file still releases the lock by closing it.
     } finally {
       this.#file.close();
       this.#file = undefined;
@@ -197,11 +215,12 @@ export class LogdirLock {
 }
 
 /** Reads `pid purpose` from a lock file, if it holds one. */
-export async function readLockHolder(
+export function readLockHolder(
   path: string,
-): Promise<{ pid: number; purpose: string } | undefined> {
+  storage: Storage = realStorage,
+): { pid: number; purpose: string } | undefined {
   try {
-    const text = (await Deno.readTextFile(path)).trim();
+    const text = readTextFile(storage, path, 4096).trim();
     const match = /^(\d+) (.*)$/.exec(text);
     return match === null ? undefined : { pid: Number(match[1]), purpose: match[2] };
   } catch {
@@ -221,7 +240,11 @@ export interface SegmentRef {
 }
 
 /** Lists the sealed segments of `manifest` and the live ones after them, in log order. */
-export async function listSegments(logdir: string, manifest: Manifest): Promise<SegmentRef[]> {
+export function listSegments(
+  logdir: string,
+  manifest: Manifest,
+  storage: Storage = realStorage,
+): Promise<SegmentRef[]> {
   const dir = join(logdir, SEGMENTS_DIR);
   const refs: SegmentRef[] = manifest.segments.map((info) => ({
     path: join(dir, info.file),
@@ -232,18 +255,38 @@ export async function listSegments(logdir: string, manifest: Manifest): Promise<
   }));
   const liveFrom = nextSeqAfterSealed(manifest);
   const live: SegmentRef[] = [];
+  let names: string[] = [];
   try {
-    for await (const item of Deno.readDir(dir)) {
-      const firstSeq = parseSegmentFileName(item.name);
-      // Files before liveFrom that the manifest no longer lists are leftovers of a compaction.
-      if (firstSeq === undefined || firstSeq < liveFrom || !item.isFile) continue;
-      live.push({ path: join(dir, item.name), file: item.name, firstSeq, sealed: false });
-    }
+    names = storage.readDir(dir);
   } catch (error) {
-    if (!(error instanceof Deno.errors.NotFound)) throw error;
+    if (!(error instanceof StorageNotFound)) return Promise.reject(error);
+  }
+  for (const name of names) {
+    const firstSeq = parseSegmentFileName(name);
+    // Files before liveFrom that the manifest no longer lists are leftovers of a compaction.
+    if (firstSeq === undefined || firstSeq < liveFrom) continue;
+    const path = join(dir, name);
+    if (storage.stat(path)?.kind !== "file") continue;
+    live.push({ path, file: name, firstSeq, sealed: false });
   }
   live.sort((a, b) => a.firstSeq - b.firstSeq);
-  return [...refs, ...live];
+  return Promise.resolve([...refs, ...live]);
+}
+
+/** The sync record of `logdir` (undefined when it has none or it does not decode). */
+export function readLogdirSyncRecord(
+  logdir: string,
+  storage: Storage = realStorage,
+): SyncRecord | undefined {
+  return readSyncRecord(storage, join(logdir, SYNC_RECORD_FILE));
+}
+
+/** Bytes of the unsealed segment `segment` that the sync record says are durable. */
+export function durableBytesOf(record: SyncRecord | undefined, segment: SegmentRef): number {
+  if (record === undefined || segment.sealed) return 0;
+  if (record.segmentFirstSeq === segment.firstSeq) return record.journalSyncedBytes;
+  // A record about a later segment means this one was synced whole before it was left.
+  return record.segmentFirstSeq > segment.firstSeq ? Number.MAX_SAFE_INTEGER : 0;
 }
 
 /** An entry read from a logdir, with where it came from. */
@@ -266,12 +309,15 @@ export interface ReadLogEntriesOptions {
    * entries before it are all that is yielded (`restore --stop-at-corruption`).
    */
   onCorruption?: (error: IntegrityError) => void;
+  /** Where the logdir lives (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /**
  * Yields the entries of the logdir's segments in log order, checking that seq increases by one
- * and time never decreases. A live segment may end in a torn tail; anything else wrong is an
- * {@linkcode IntegrityError} naming the file and offset.
+ * and time never decreases. The unsealed segments end at their first bad entry (a torn tail: a
+ * crash, or an append in progress), unless it lies inside what the sync record says was durably
+ * written; anything else wrong is an {@linkcode IntegrityError} naming the file and offset.
  */
 export async function* readLogEntries(
   logdir: string,
@@ -291,36 +337,59 @@ async function* readLogEntriesStrict(
   manifest: Manifest,
   options: ReadLogEntriesOptions,
 ): AsyncGenerator<LogEntry> {
+  const storage = options.storage ?? realStorage;
   const fromSeq = options.fromSeq ?? 1;
-  const segments = await listSegments(logdir, manifest);
+  // The record is read before the segments: what it says was durable is still there after.
+  const record = readLogdirSyncRecord(logdir, storage);
+  const segments = await listSegments(logdir, manifest, storage);
   let expectedSeq: number | undefined;
   let lastTimeUs = Number.MIN_SAFE_INTEGER;
-  for (let index = 0; index < segments.length; index++) {
-    const segment = segments[index];
+  for (const segment of segments) {
     if (segment.info !== undefined && segment.info.lastSeq < fromSeq) {
       expectedSeq = segment.info.lastSeq + 1;
       lastTimeUs = segment.info.lastUs;
       continue;
     }
-    const isLast = index === segments.length - 1;
-    const scanner = new SegmentScanner(segment.path, {
-      tolerateTornTail: !segment.sealed && isLast,
-      endBytes: segment.info?.sizeBytes,
-      headersOnly: options.headersOnly,
-    });
-    let expectedInFile = segment.firstSeq;
     if (expectedSeq !== undefined && expectedSeq !== segment.firstSeq) {
+      // An unsealed file that does not follow on is beyond the torn tail of the one before it.
+      if (!segment.sealed) return;
       throw new IntegrityError(
         `Gap in the log: ${segment.path} starts at seq ${segment.firstSeq}, expected ${expectedSeq}`,
         { path: segment.path, offsetBytes: 0 },
       );
     }
+    const durableBytes = durableBytesOf(record, segment);
+    const scanner = new SegmentScanner(segment.path, {
+      storage,
+      tolerateTornTail: !segment.sealed,
+      durableBytes,
+      endBytes: segment.info?.sizeBytes,
+      headersOnly: options.headersOnly,
+      payloadsFromBytes: segment.sealed ? undefined : durableBytes,
+    });
+    let expectedInFile = segment.firstSeq;
+    let outOfOrder = false;
     for await (const entry of scanner.entries()) {
-      checkOrder(entry, segment.path, expectedInFile, lastTimeUs);
+      const problem = orderProblem(entry, segment.path, expectedInFile, lastTimeUs);
+      if (problem !== undefined) {
+        // In the unsynced tail, an entry that does not follow on ends the log like a torn one.
+        if (!segment.sealed && entry.fileOffsetBytes >= durableBytes) {
+          outOfOrder = true;
+          options.onTornTail?.({
+            path: segment.path,
+            offsetBytes: entry.fileOffsetBytes,
+            bytes: storage.stat(segment.path)!.sizeBytes - entry.fileOffsetBytes,
+            problem: problem.message,
+          });
+          break;
+        }
+        throw problem;
+      }
       expectedInFile = entry.header.seq + 1;
       lastTimeUs = entry.header.timeUs;
       if (entry.header.seq >= fromSeq) yield { ...entry, segmentPath: segment.path };
     }
+    if (outOfOrder) return;
     if (segment.info !== undefined) checkSealedTotals(segment, expectedInFile - 1);
     if (scanner.tornBytes > 0) {
       options.onTornTail?.({
@@ -329,25 +398,32 @@ async function* readLogEntriesStrict(
         bytes: scanner.tornBytes,
         problem: scanner.tornProblem ?? "torn",
       });
+      return;
     }
     expectedSeq = expectedInFile;
   }
 }
 
-function checkOrder(entry: ScannedEntry, path: string, expectedSeq: number, lastTimeUs: number) {
+function orderProblem(
+  entry: ScannedEntry,
+  path: string,
+  expectedSeq: number,
+  lastTimeUs: number,
+): IntegrityError | undefined {
   const { seq, timeUs } = entry.header;
   if (seq !== expectedSeq) {
-    throw new IntegrityError(
+    return new IntegrityError(
       `Out-of-sequence entry in ${path} at offset ${entry.fileOffsetBytes}: seq ${seq}, expected ${expectedSeq}`,
       { path, offsetBytes: entry.fileOffsetBytes },
     );
   }
   if (timeUs < lastTimeUs) {
-    throw new IntegrityError(
+    return new IntegrityError(
       `Time goes backwards in ${path} at offset ${entry.fileOffsetBytes}: seq ${seq} has ${timeUs} µs, the entry before ${lastTimeUs} µs`,
       { path, offsetBytes: entry.fileOffsetBytes },
     );
   }
+  return undefined;
 }
 
 function checkSealedTotals(segment: SegmentRef, lastSeq: number): void {
@@ -383,18 +459,19 @@ export async function scanHeaders(
 }
 
 /** Creates the logdir folders if they do not exist. */
-export async function ensureLogdirFolders(logdir: string): Promise<void> {
-  await Deno.mkdir(join(logdir, SEGMENTS_DIR), { recursive: true });
-  await Deno.mkdir(join(logdir, LEVELS_DIR), { recursive: true });
+export function ensureLogdirFolders(logdir: string, storage: Storage = realStorage): Promise<void> {
+  try {
+    storage.mkdir(join(logdir, SEGMENTS_DIR), { recursive: true });
+    storage.mkdir(join(logdir, LEVELS_DIR), { recursive: true });
+    return Promise.resolve();
+  } catch (error) {
+    return Promise.reject(error);
+  }
 }
 
 /** Removes `path` if it exists. */
-export function removeIfExists(path: string): void {
-  try {
-    fs.unlinkSync(path);
-  } catch (error) {
-    if ((error as { code?: string }).code !== "ENOENT") throw error;
-  }
+export function removeIfExists(path: string, storage: Storage = realStorage): void {
+  unlinkIfExists(storage, path);
 }
 
 /** The file that serializes read-modify-write of the manifest between processes. */
@@ -404,14 +481,14 @@ export const MANIFEST_LOCK_FILE = "manifest.lock";
  * Runs `update` while holding the manifest lock, so that a writer sealing a segment and a
  * compaction swapping levels never overwrite each other's manifest. Waits for the lock.
  */
-export async function withManifestLock<T>(logdir: string, update: () => Promise<T>): Promise<T> {
-  const file = await Deno.open(join(logdir, MANIFEST_LOCK_FILE), {
-    read: true,
-    write: true,
-    create: true,
-  });
+export async function withManifestLock<T>(
+  logdir: string,
+  update: () => Promise<T>,
+  storage: Storage = realStorage,
+): Promise<T> {
+  const file = storage.open(join(logdir, MANIFEST_LOCK_FILE), { create: true });
   try {
-    await file.lock(true);
+    await file.lock();
     return await update();
   } finally {
     file.close();

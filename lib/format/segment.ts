@@ -5,14 +5,14 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { assert } from "../_assert.ts";
 import { IntegrityError } from "../errors.ts";
+import { realStorage } from "../storage/real_storage.ts";
+import { readFully, type Storage, type StorageFile, StorageNotFound } from "../storage/storage.ts";
 import {
   decodeEntryHeader,
   encodeEntryHeader,
   ENTRY_HEADER_BYTES,
-  ENTRY_MAGIC,
   ENTRY_PAYLOAD_BYTES_MAX,
   type EntryHeader,
   payloadMatches,
@@ -53,20 +53,35 @@ export interface ScannedEntry {
 
 /** Options of {@linkcode SegmentScanner}. */
 export interface SegmentScanOptions {
+  /** Where the segment lives (default: the local filesystem). */
+  storage?: Storage;
   /** Stop at this file size (bytes beyond are ignored). Default: the size at open. */
   endBytes?: number;
   /**
-   * Treat a bad entry with nothing valid after it as a torn tail (the end of the data) instead of
-   * corruption. True for the active segment; sealed segments must be whole.
+   * Treat the first bad entry as the end of the data (a torn tail) instead of corruption, unless
+   * it starts before {@linkcode SegmentScanOptions.durableBytes}. True for unsealed segments;
+   * sealed segments must be whole. Nothing after the first bad entry is looked at: what lies
+   * there is unsynced data or guest bytes, and decides nothing.
    */
   tolerateTornTail: boolean;
+  /**
+   * Bytes of the file known to be durably written (an fsync covered them, says the sync
+   * record). A bad entry that starts before this is damage to durable data, never a torn tail.
+   */
+  durableBytes?: number;
   /** Check payload checksums (default true). */
   verifyPayloads?: boolean;
   /**
-   * Read only headers, skipping payloads (payload is then empty and unchecked) — except for mark
-   * entries, whose name is read and checked.
+   * Read only headers, skipping payloads (payload is then empty and unchecked), except for mark
+   * entries, whose name is read and checked, and entries at or after
+   * {@linkcode SegmentScanOptions.payloadsFromBytes}.
    */
   headersOnly?: boolean;
+  /**
+   * In a header scan, still read and check the payloads of entries that start at or after this
+   * offset: the unsynced tail, where a whole header may front a torn payload.
+   */
+  payloadsFromBytes?: number;
 }
 
 /**
@@ -77,6 +92,7 @@ export interface SegmentScanOptions {
 export class SegmentScanner {
   readonly path: string;
   #options: SegmentScanOptions;
+  #storage: Storage;
   #buffer = new Uint8Array(SCAN_BUFFER_BYTES);
   #lastPayloadBytes = 0;
   /** The file range the buffer holds. */
@@ -89,6 +105,7 @@ export class SegmentScanner {
   constructor(path: string, options: SegmentScanOptions) {
     this.path = path;
     this.#options = options;
+    this.#storage = options.storage ?? realStorage;
   }
 
   /** End of the last whole entry. */
@@ -106,9 +123,9 @@ export class SegmentScanner {
 
   /** Yields every valid entry; throws {@linkcode IntegrityError} on corruption. */
   async *entries(): AsyncGenerator<ScannedEntry> {
-    const fd = openSegment(this.path);
+    const file = openSegment(this.#storage, this.path);
     try {
-      const fileBytes = fs.fstatSync(fd).size;
+      const fileBytes = file.sizeBytes();
       const endBytes = this.#options.endBytes ?? fileBytes;
       if (fileBytes < endBytes) {
         throw new IntegrityError(
@@ -118,9 +135,9 @@ export class SegmentScanner {
       }
       let position = 0;
       while (position < endBytes) {
-        const result = this.#readEntryAt(fd, position, endBytes);
+        const result = this.#readEntryAt(file, position, endBytes);
         if (typeof result === "string") {
-          this.#handleBadEntry(fd, position, endBytes, result);
+          this.#handleBadEntry(position, endBytes, result);
           return;
         }
         yield { header: result.header, payload: result.payload, fileOffsetBytes: position };
@@ -128,22 +145,23 @@ export class SegmentScanner {
         this.#validBytes = position;
       }
     } finally {
-      fs.closeSync(fd);
+      file.close();
     }
   }
 
   #readEntryAt(
-    fd: number,
+    file: StorageFile,
     position: number,
     endBytes: number,
   ): { header: EntryHeader; payload: Uint8Array } | string {
     const remaining = endBytes - position;
     if (remaining < ENTRY_HEADER_BYTES) return "incomplete entry header";
-    const headerOnly = this.#options.headersOnly === true;
+    const headerOnly = this.#options.headersOnly === true &&
+      position < (this.#options.payloadsFromBytes ?? Number.MAX_SAFE_INTEGER);
     // A header scan reads ahead only while entries are small: then one read covers many headers,
     // while with large payloads a read-ahead would mostly fetch payload bytes it skips.
     const readAhead = !headerOnly || this.#lastPayloadBytes <= HEADER_SCAN_READ_AHEAD_PAYLOAD_MAX;
-    const headerAt = this.#windowAt(fd, position, ENTRY_HEADER_BYTES, endBytes, readAhead);
+    const headerAt = this.#windowAt(file, position, ENTRY_HEADER_BYTES, endBytes, readAhead);
     const decoded = decodeEntryHeader(this.#buffer, headerAt);
     if (!decoded.ok) return decoded.problem;
     const header = decoded.header;
@@ -155,7 +173,7 @@ export class SegmentScanner {
     if (headerOnly && header.kind !== "mark") return { header, payload: new Uint8Array(0) };
     assert(header.payloadBytes <= ENTRY_PAYLOAD_BYTES_MAX, "payload over limit passed decoder");
     const entryAt = this.#windowAt(
-      fd,
+      file,
       position,
       ENTRY_HEADER_BYTES + header.payloadBytes,
       endBytes,
@@ -176,7 +194,7 @@ export class SegmentScanner {
    * scans skip the payloads between headers).
    */
   #windowAt(
-    fd: number,
+    file: StorageFile,
     position: number,
     length: number,
     endBytes: number,
@@ -192,24 +210,24 @@ export class SegmentScanner {
     const readBytes = readAhead
       ? Math.max(length, Math.min(aheadBytes, endBytes - position))
       : length;
-    readFully(fd, this.#buffer, readBytes, position);
+    readFully(file, this.#buffer, readBytes, position);
     this.#windowStart = position;
     this.#windowEnd = position + readBytes;
     return 0;
   }
 
-  #handleBadEntry(fd: number, position: number, endBytes: number, problem: string): void {
-    const laterHeaderAt = this.#options.tolerateTornTail
-      ? findValidHeader(fd, position + 1, endBytes)
-      : position;
-    if (laterHeaderAt === undefined) {
+  #handleBadEntry(position: number, endBytes: number, problem: string): void {
+    const durableBytes = this.#options.durableBytes ?? 0;
+    if (this.#options.tolerateTornTail && position >= durableBytes) {
       this.#tornBytes = endBytes - position;
       this.#tornProblem = problem;
       return;
     }
+    const why = this.#options.tolerateTornTail
+      ? ` (inside the ${durableBytes} bytes known to be durably written: not a torn tail)`
+      : "";
     throw new IntegrityError(
-      `Corrupt entry in ${this.path} at offset ${position}: ${problem}` +
-        (laterHeaderAt > position ? ` (valid entries follow at offset ${laterHeaderAt})` : ""),
+      `Corrupt entry in ${this.path} at offset ${position}: ${problem}${why}`,
       { path: this.path, offsetBytes: position },
     );
   }
@@ -219,70 +237,49 @@ export class SegmentScanner {
  * Opens a segment for reading. A segment that the manifest or a directory listing named but that
  * is gone is a hole in the log: an integrity problem to report (exit 3), not an I/O failure.
  */
-function openSegment(path: string): number {
+function openSegment(storage: Storage, path: string): StorageFile {
   try {
-    return fs.openSync(path, "r");
+    return storage.open(path);
   } catch (error) {
-    if ((error as { code?: string }).code !== "ENOENT") throw error;
+    if (!(error instanceof StorageNotFound)) throw error;
     throw new IntegrityError(`Segment ${path} is missing`, { path, cause: error });
   }
-}
-
-/** Reads exactly `length` bytes at `position`, looping over short reads. */
-export function readFully(fd: number, target: Uint8Array, length: number, position: number): void {
-  let done = 0;
-  while (done < length) {
-    const n = fs.readSync(fd, target, done, length - done, position + done);
-    if (n === 0) throw new Error(`Unexpected end of file at offset ${position + done}`);
-    done += n;
-  }
-}
-
-/** Writes all of `source[0, length)` at `position`, looping over short writes. */
-export function writeFully(fd: number, source: Uint8Array, length: number, position: number): void {
-  let done = 0;
-  while (done < length) {
-    done += fs.writeSync(fd, source, done, length - done, position + done);
-  }
-}
-
-/** Finds the first offset in [from, end) holding a header that decodes cleanly. */
-function findValidHeader(fd: number, from: number, endBytes: number): number | undefined {
-  const windowBytes = 1024 * 1024;
-  const window = new Uint8Array(windowBytes + ENTRY_HEADER_BYTES);
-  for (let start = from; start < endBytes; start += windowBytes) {
-    const length = Math.min(window.length, endBytes - start);
-    readFully(fd, window, length, start);
-    for (let i = 0; i + ENTRY_HEADER_BYTES <= length && i < windowBytes; i++) {
-      if (window[i] !== ENTRY_MAGIC[0] || window[i + 1] !== ENTRY_MAGIC[1]) continue;
-      if (decodeEntryHeader(window, i).ok) return start + i;
-    }
-  }
-  return undefined;
 }
 
 /** Appends entries to one segment file with positional writes. Not safe for two writers. */
 export class SegmentAppender {
   readonly path: string;
   readonly firstSeq: number;
-  #fd: number;
+  #file: StorageFile;
   #sizeBytes: number;
   #staging = new Uint8Array(ENTRY_HEADER_BYTES + COALESCE_PAYLOAD_BYTES_MAX);
-  #syncsInFlight = 0;
-  #closeRequested = false;
+  #closed = false;
 
-  private constructor(path: string, firstSeq: number, fd: number, sizeBytes: number) {
+  private constructor(path: string, firstSeq: number, file: StorageFile, sizeBytes: number) {
     this.path = path;
     this.firstSeq = firstSeq;
-    this.#fd = fd;
+    this.#file = file;
     this.#sizeBytes = sizeBytes;
   }
 
-  /** Opens (creating if needed) the segment at `path`, truncated to `validBytes`. */
-  static open(path: string, firstSeq: number, validBytes: number): SegmentAppender {
-    const fd = fs.openSync(path, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
-    fs.ftruncateSync(fd, validBytes);
-    return new SegmentAppender(path, firstSeq, fd, validBytes);
+  /**
+   * Opens (creating if needed) the segment at `path`, cut to `validBytes` when it is longer (the
+   * cut is durable once {@linkcode SegmentAppender.sync} returns).
+   */
+  static open(
+    path: string,
+    firstSeq: number,
+    validBytes: number,
+    storage: Storage = realStorage,
+  ): SegmentAppender {
+    const file = storage.open(path, { create: true });
+    try {
+      if (file.sizeBytes() !== validBytes) file.truncate(validBytes);
+    } catch (error) {
+      file.close();
+      throw error;
+    }
+    return new SegmentAppender(path, firstSeq, file, validBytes);
   }
 
   /** Current size in bytes. */
@@ -292,17 +289,16 @@ export class SegmentAppender {
 
   /** Writes one entry at the end of the file (to the page cache; {@linkcode sync} makes it durable). */
   append(header: EntryHeader, payload?: Uint8Array): void {
-    assert(!this.#closeRequested, `append to closed segment ${this.path}`);
+    assert(!this.#closed, `append to closed segment ${this.path}`);
     assert((payload?.length ?? 0) === header.payloadBytes, "payload length differs from header");
     const position = this.#sizeBytes;
+    encodeEntryHeader(header, this.#staging);
     if (header.payloadBytes <= COALESCE_PAYLOAD_BYTES_MAX) {
-      encodeEntryHeader(header, this.#staging);
       if (payload !== undefined) this.#staging.set(payload, ENTRY_HEADER_BYTES);
-      writeFully(this.#fd, this.#staging, ENTRY_HEADER_BYTES + header.payloadBytes, position);
+      this.#file.write(this.#staging, ENTRY_HEADER_BYTES + header.payloadBytes, position);
     } else {
-      encodeEntryHeader(header, this.#staging);
-      writeFully(this.#fd, this.#staging, ENTRY_HEADER_BYTES, position);
-      writeFully(this.#fd, payload!, header.payloadBytes, position + ENTRY_HEADER_BYTES);
+      this.#file.write(this.#staging, ENTRY_HEADER_BYTES, position);
+      this.#file.write(payload!, header.payloadBytes, position + ENTRY_HEADER_BYTES);
     }
     this.#sizeBytes = position + ENTRY_HEADER_BYTES + header.payloadBytes;
   }
@@ -313,38 +309,29 @@ export class SegmentAppender {
    * header and payload; `entryBytesTotal`, the sum of the entries' sizes, guards the framing.
    */
   appendRun(bytes: Uint8Array, entryBytesTotal: number): void {
-    assert(!this.#closeRequested, `append to closed segment ${this.path}`);
+    assert(!this.#closed, `append to closed segment ${this.path}`);
     assert(bytes.length === entryBytesTotal, "run length differs from its entries");
-    writeFully(this.#fd, bytes, bytes.length, this.#sizeBytes);
+    this.#file.write(bytes, bytes.length, this.#sizeBytes);
     this.#sizeBytes += bytes.length;
   }
 
-  /** Waits until everything appended so far is on stable storage. */
-  async sync(): Promise<void> {
-    assert(!this.#closeRequested, `sync of closed segment ${this.path}`);
-    this.#syncsInFlight++;
-    try {
-      await fdatasync(this.#fd);
-    } finally {
-      this.#syncsInFlight--;
-      if (this.#closeRequested && this.#syncsInFlight === 0) fs.closeSync(this.#fd);
-    }
+  /** Reads `target.length` appended bytes at `offsetBytes` (the payload of an entry). */
+  readAt(target: Uint8Array, offsetBytes: number): void {
+    assert(!this.#closed, `read of closed segment ${this.path}`);
+    assert(offsetBytes + target.length <= this.#sizeBytes, "read past the appended bytes");
+    readFully(this.#file, target, target.length, offsetBytes);
   }
 
-  /**
-   * Closes the file (does not sync). With an fdatasync still running on the thread pool, the
-   * close waits for it: closing under it could let the fd number be reused and synced by mistake.
-   */
+  /** Waits until everything appended so far (and the cut of open) is on stable storage. */
+  sync(): Promise<void> {
+    assert(!this.#closed, `sync of closed segment ${this.path}`);
+    return this.#file.syncData();
+  }
+
+  /** Closes the file (does not sync; a sync still running completes first). */
   close(): void {
-    if (this.#closeRequested) return;
-    this.#closeRequested = true;
-    if (this.#syncsInFlight === 0) fs.closeSync(this.#fd);
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#file.close();
   }
-}
-
-/** fdatasync on libuv's thread pool, so the event loop keeps serving while the disk works. */
-export function fdatasync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    fs.fdatasync(fd, (error) => error ? reject(error) : resolve());
-  });
 }

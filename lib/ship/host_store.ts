@@ -10,7 +10,6 @@
  *
  * @module
  */
-import * as fs from "node:fs";
 import { join } from "node:path";
 import { assert } from "../_assert.ts";
 import { crc32c, crc32cCombine, crc32cOfZeros } from "../checksum.ts";
@@ -32,7 +31,9 @@ import {
   MANIFEST_FORMAT,
   MANIFEST_FORMAT_VERSION,
 } from "../format/manifest.ts";
-import { fdatasync, SegmentScanner, writeFully } from "../format/segment.ts";
+import { SegmentScanner } from "../format/segment.ts";
+import { realStorage } from "../storage/real_storage.ts";
+import { exists, type Storage, type StorageFile } from "../storage/storage.ts";
 import { applyFromSeq } from "../timeline.ts";
 import { baseId, type StateBegin, type StoreState } from "./_messages.ts";
 import { locateSeq } from "./log_tail.ts";
@@ -45,6 +46,8 @@ const LOCK_PURPOSE = "receive";
 export interface HostStoreOptions {
   /** Seal live segments at this size (tests use small ones). */
   segmentBytesMax?: number;
+  /** Where the store lives (default: the local filesystem). */
+  storage?: Storage;
 }
 
 /** The directory names a host uses inside the store. */
@@ -65,6 +68,7 @@ export class HostStore {
   readonly storedir: string;
   readonly hostId: string;
   readonly hostDir: string;
+  readonly storage: Storage;
   #options: HostStoreOptions;
   /** The lock of the host directory, or of the incoming directory while there is no copy. */
   #lock: LogdirLock;
@@ -85,6 +89,7 @@ export class HostStore {
     this.hostDir = hostPaths(storedir, hostId).hostDir;
     this.#lock = lock;
     this.#options = options;
+    this.storage = options.storage ?? realStorage;
   }
 
   /**
@@ -96,12 +101,13 @@ export class HostStore {
     hostId: string,
     options: HostStoreOptions = {},
   ): Promise<HostStore> {
+    const storage = options.storage ?? realStorage;
     const paths = hostPaths(storedir, hostId);
-    await recoverInterruptedSwap(storedir, hostId);
-    const hasCopy = fs.existsSync(join(paths.hostDir, MANIFEST_FILE));
+    await recoverInterruptedSwap(storage, storedir, hostId);
+    const hasCopy = exists(storage, join(paths.hostDir, MANIFEST_FILE));
     const lockDir = hasCopy ? paths.hostDir : paths.incomingDir;
-    await Deno.mkdir(lockDir, { recursive: true });
-    const lock = await LogdirLock.acquire(lockDir, LOCK_PURPOSE);
+    storage.mkdir(lockDir, { recursive: true });
+    const lock = await LogdirLock.acquire(lockDir, LOCK_PURPOSE, { storage });
     const store = new HostStore(storedir, hostId, lock, options);
     try {
       if (hasCopy) await store.#openWriter();
@@ -120,7 +126,7 @@ export class HostStore {
   /** What the host's copy holds, for WELCOME. */
   async state(): Promise<StoreState> {
     if (this.#writer === undefined) return { present: false, lastSeq: 0, applyFromSeq: 1 };
-    const manifest = await readManifest(this.hostDir);
+    const manifest = await readManifest(this.hostDir, this.storage);
     const lastSeq = this.#writer.nextSeq - 1;
     const state: StoreState = {
       present: true,
@@ -165,15 +171,19 @@ export class HostStore {
     const paths = hostPaths(this.storedir, this.hostId);
     let incomingLock = this.#writer === undefined ? this.#lock : undefined;
     if (incomingLock === undefined) {
-      await Deno.mkdir(paths.incomingDir, { recursive: true });
-      incomingLock = await LogdirLock.acquire(paths.incomingDir, LOCK_PURPOSE);
+      this.storage.mkdir(paths.incomingDir, { recursive: true });
+      incomingLock = await LogdirLock.acquire(paths.incomingDir, LOCK_PURPOSE, {
+        storage: this.storage,
+      });
     }
     try {
-      await clearIncoming(paths.incomingDir);
-      await ensureLogdirFolders(paths.incomingDir);
-      const current = this.#writer === undefined ? undefined : await readManifest(this.hostDir);
+      clearIncoming(this.storage, paths.incomingDir);
+      await ensureLogdirFolders(paths.incomingDir, this.storage);
+      const current = this.#writer === undefined
+        ? undefined
+        : await readManifest(this.hostDir, this.storage);
       this.#install = new StateInstall(this, paths.incomingDir, incomingLock, begin, current);
-      await this.#install.start();
+      this.#install.start();
       return this.#install;
     } catch (error) {
       if (incomingLock !== this.#lock) incomingLock.release();
@@ -192,30 +202,30 @@ export class HostStore {
       this.#writer = undefined;
     }
     let oldDir: string | undefined;
-    if (fs.existsSync(paths.hostDir)) {
+    if (exists(this.storage, paths.hostDir)) {
       oldDir = join(this.storedir, `${paths.oldPrefix}${Date.now() * 1000}`);
-      await Deno.rename(paths.hostDir, oldDir);
+      this.storage.rename(paths.hostDir, oldDir);
     }
-    await Deno.rename(paths.incomingDir, paths.hostDir);
-    await syncDirectory(this.storedir);
+    this.storage.rename(paths.incomingDir, paths.hostDir);
+    await syncDirectory(this.storedir, this.storage);
     if (this.#lock !== incomingLock) this.#lock.release();
     this.#lock = incomingLock;
     this.#install = undefined;
-    if (oldDir !== undefined) await Deno.remove(oldDir, { recursive: true });
+    if (oldDir !== undefined) this.storage.removeTree(oldDir);
     await this.#openWriter();
   }
 
   /** Removes what a failed install wrote, and its lock unless it is the store's own. */
-  async discardState(install: StateInstall, incomingLock: LogdirLock): Promise<void> {
+  discardState(install: StateInstall, incomingLock: LogdirLock): void {
     if (this.#install !== install) return;
     this.#install = undefined;
     const incomingDir = hostPaths(this.storedir, this.hostId).incomingDir;
     if (incomingLock === this.#lock) {
-      await clearIncoming(incomingDir);
+      clearIncoming(this.storage, incomingDir);
       return;
     }
     try {
-      await Deno.remove(incomingDir, { recursive: true });
+      this.storage.removeTree(incomingDir);
     } finally {
       incomingLock.release();
     }
@@ -225,6 +235,8 @@ export class HostStore {
     this.#writer = await LogdirWriter.open(this.hostDir, {
       purpose: LOCK_PURPOSE,
       lock: this.#lock,
+      storage: this.storage,
+      journalOnly: true,
       segmentBytesMax: this.#options.segmentBytesMax,
     });
     // Entries a killed receiver appended but never synced may still sit in the page cache; they
@@ -240,14 +252,16 @@ export class HostStore {
     this.#closing = true;
     try {
       await this.#sealRun;
-      await this.#install?.abort();
+      this.#install?.abort();
       if (this.#writer !== undefined) {
         await this.#writer.close();
       } else {
         // Without a copy, the lock held is the incoming directory's: remove it while holding it.
         const incomingDir = hostPaths(this.storedir, this.hostId).incomingDir;
-        if (!fs.existsSync(join(incomingDir, MANIFEST_FILE))) {
-          await Deno.remove(incomingDir, { recursive: true }).catch(() => {});
+        if (!exists(this.storage, join(incomingDir, MANIFEST_FILE))) {
+          try {
+            this.storage.removeTree(incomingDir);
+          } catch { /* best effort: a leftover is cleared by the next claim */ }
         }
       }
     } finally {
@@ -258,25 +272,32 @@ export class HostStore {
 }
 
 /** Renames a complete incoming directory into place after a crash between the swap's renames. */
-async function recoverInterruptedSwap(storedir: string, hostId: string): Promise<void> {
+async function recoverInterruptedSwap(
+  storage: Storage,
+  storedir: string,
+  hostId: string,
+): Promise<void> {
   const paths = hostPaths(storedir, hostId);
-  const incomingComplete = fs.existsSync(join(paths.incomingDir, MANIFEST_FILE));
-  if (!fs.existsSync(paths.hostDir) && incomingComplete) {
-    await Deno.rename(paths.incomingDir, paths.hostDir);
-    await syncDirectory(storedir);
+  const incomingComplete = exists(storage, join(paths.incomingDir, MANIFEST_FILE));
+  if (!exists(storage, paths.hostDir) && incomingComplete) {
+    storage.rename(paths.incomingDir, paths.hostDir);
+    await syncDirectory(storedir, storage);
   }
-  for (const entry of fs.readdirSync(storedir)) {
+  let removed = false;
+  for (const entry of storage.readDir(storedir)) {
     if (entry.startsWith(paths.oldPrefix) && /^\d+$/.test(entry.slice(paths.oldPrefix.length))) {
-      await Deno.remove(join(storedir, entry), { recursive: true });
+      storage.removeTree(join(storedir, entry));
+      removed = true;
     }
   }
+  if (removed) await syncDirectory(storedir, storage);
 }
 
 /** Empties an incoming directory except its lock file. */
-async function clearIncoming(dir: string): Promise<void> {
-  for await (const entry of Deno.readDir(dir)) {
-    if (entry.name === "lock") continue;
-    await Deno.remove(join(dir, entry.name), { recursive: true });
+function clearIncoming(storage: Storage, dir: string): void {
+  for (const name of storage.readDir(dir)) {
+    if (name === "lock") continue;
+    storage.removeTree(join(dir, name));
   }
 }
 
@@ -310,11 +331,16 @@ export class StateInstall {
   }
 
   /** Opens the base file, or links the base the host already holds. */
-  async start(): Promise<void> {
+  start(): void {
     const base = this.begin.base;
     const path = join(this.#dir, base.file);
     if (this.begin.baseIncluded) {
-      this.#base = FileReceive.open(`${path}.partial`, this.begin.deviceBytes, true);
+      this.#base = FileReceive.open(
+        this.#store.storage,
+        `${path}.partial`,
+        this.begin.deviceBytes,
+        true,
+      );
       return;
     }
     const current = this.#current;
@@ -327,7 +353,7 @@ export class StateInstall {
         }`,
       );
     }
-    await Deno.link(join(this.#store.hostDir, current.base.file), path);
+    this.#store.storage.link(join(this.#store.hostDir, current.base.file), path);
     this.#baseDone = true;
   }
 
@@ -351,7 +377,7 @@ export class StateInstall {
         `Base of host ${this.#store.hostId} arrived with crc32c ${actual}, expected ${expected}`,
       );
     }
-    await Deno.rename(
+    this.#store.storage.rename(
       `${join(this.#dir, this.begin.base.file)}.partial`,
       join(this.#dir, this.begin.base.file),
     );
@@ -367,7 +393,7 @@ export class StateInstall {
       throw new ProtocolError(`LEVEL_BEGIN of ${file} out of order`);
     }
     const path = join(this.#dir, LEVELS_DIR, `${level.file}.partial`);
-    this.#level = FileReceive.open(path, level.sizeBytes, false);
+    this.#level = FileReceive.open(this.#store.storage, path, level.sizeBytes, false);
   }
 
   /** Writes one decompressed level chunk (chunks arrive in order, without holes). */
@@ -391,8 +417,9 @@ export class StateInstall {
       );
     }
     const path = join(this.#dir, LEVELS_DIR, level.file);
-    await Deno.rename(`${path}.partial`, path);
+    this.#store.storage.rename(`${path}.partial`, path);
     const scanner = new SegmentScanner(path, {
+      storage: this.#store.storage,
       tolerateTornTail: false,
       endBytes: level.sizeBytes,
     });
@@ -433,18 +460,19 @@ export class StateInstall {
     } catch (error) {
       throw new ProtocolError((error as Error).message);
     }
-    await syncDirectory(join(this.#dir, LEVELS_DIR));
-    await syncDirectory(this.#dir);
-    await writeManifest(this.#dir, manifest);
+    const storage = this.#store.storage;
+    await syncDirectory(join(this.#dir, LEVELS_DIR), storage);
+    await syncDirectory(this.#dir, storage);
+    await writeManifest(this.#dir, manifest, storage);
     await this.#store.swapIn(this, this.#lock);
     return manifest;
   }
 
   /** Closes open files of an unfinished install and removes what it wrote. */
-  async abort(): Promise<void> {
+  abort(): void {
     this.#base?.close();
     this.#level?.close();
-    await this.#store.discardState(this, this.#lock);
+    this.#store.discardState(this, this.#lock);
   }
 }
 
@@ -455,26 +483,26 @@ export class StateInstall {
 class FileReceive {
   readonly path: string;
   readonly sizeBytes: number;
-  #fd: number | undefined;
+  #file: StorageFile | undefined;
   /** CRC32C of bytes [0, #crcBytes) of the file. */
   #crc32c = 0;
   #crcBytes = 0;
   receivedBytes = 0;
 
-  private constructor(path: string, sizeBytes: number, fd: number) {
+  private constructor(path: string, sizeBytes: number, file: StorageFile) {
     this.path = path;
     this.sizeBytes = sizeBytes;
-    this.#fd = fd;
+    this.#file = file;
   }
 
-  static open(path: string, sizeBytes: number, sparse: boolean): FileReceive {
-    const fd = fs.openSync(path, "w");
-    if (sparse) fs.ftruncateSync(fd, sizeBytes);
-    return new FileReceive(path, sizeBytes, fd);
+  static open(storage: Storage, path: string, sizeBytes: number, sparse: boolean): FileReceive {
+    const file = storage.open(path, { create: true, truncate: true });
+    if (sparse) file.truncate(sizeBytes);
+    return new FileReceive(path, sizeBytes, file);
   }
 
   write(offsetBytes: number, raw: Uint8Array, contiguous: boolean): void {
-    assert(this.#fd !== undefined, "write after close");
+    assert(this.#file !== undefined, "write after close");
     if (offsetBytes < this.#crcBytes || (contiguous && offsetBytes !== this.#crcBytes)) {
       throw new ProtocolError(
         `Chunk at offset ${offsetBytes} of ${this.path} arrived out of order (expected ${
@@ -488,7 +516,7 @@ class FileReceive {
       );
     }
     this.#crcZeroesUpTo(offsetBytes);
-    writeFully(this.#fd, raw, raw.length, offsetBytes);
+    this.#file.write(raw, raw.length, offsetBytes);
     this.#crc32c = crc32cCombine(this.#crc32c, crc32c(raw), raw.length);
     this.#crcBytes = offsetBytes + raw.length;
     this.receivedBytes += raw.length;
@@ -502,15 +530,15 @@ class FileReceive {
 
   /** Syncs and closes the file; returns the CRC32C of all of it. */
   async finish(): Promise<string> {
-    assert(this.#fd !== undefined, "finish after close");
+    assert(this.#file !== undefined, "finish after close");
     this.#crcZeroesUpTo(this.sizeBytes);
-    await fdatasync(this.#fd);
+    await this.#file.syncData();
     this.close();
     return crc32cHex(this.#crc32c);
   }
 
   close(): void {
-    if (this.#fd !== undefined) fs.closeSync(this.#fd);
-    this.#fd = undefined;
+    this.#file?.close();
+    this.#file = undefined;
   }
 }

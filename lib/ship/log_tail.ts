@@ -18,7 +18,8 @@ import {
 } from "../format/entry.ts";
 import { listSegments, SEGMENTS_DIR } from "../format/logdir.ts";
 import { type Manifest, nextSeqAfterSealed } from "../format/manifest.ts";
-import { parseSegmentFileName, readFully, segmentFileName } from "../format/segment.ts";
+import { readFully } from "../fd_io.ts";
+import { parseSegmentFileName, segmentFileName } from "../format/segment.ts";
 import { applyFromSeq } from "../timeline.ts";
 
 /** Read-ahead of a tail: one read syscall fetches this many bytes of entries. */

@@ -16,7 +16,7 @@ import { BusyError, IntegrityError, UsageError } from "../errors.ts";
 import { ENTRY_FORMAT_VERSION } from "../format/entry.ts";
 import { LEVELS_DIR, readManifest } from "../format/logdir.ts";
 import { type Manifest, MANIFEST_FORMAT_VERSION } from "../format/manifest.ts";
-import { readFully } from "../format/segment.ts";
+import { readFully } from "../fd_io.ts";
 import { sleep } from "../sleep.ts";
 import { HOLE_BLOCK_BYTES, isAllZero } from "../sparse_copy.ts";
 import { formatTimeUtc, nowUs } from "../time.ts";

@@ -22,7 +22,7 @@ import {
 import { FetchHttpHandler } from "@smithy/fetch-http-handler";
 import { assert } from "../_assert.ts";
 import { UsageError } from "../errors.ts";
-import { readFully } from "../format/segment.ts";
+import { readFully } from "../fd_io.ts";
 import {
   type ByteRange,
   type ConditionalPutResult,
