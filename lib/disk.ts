@@ -20,7 +20,7 @@ import { Device } from "./device.ts";
 import { UsageError } from "./errors.ts";
 import { type EntryHeader, MARK_NAME_BYTES_MAX } from "./format/entry.ts";
 import { readLogEntries, readManifest } from "./format/logdir.ts";
-import { LogdirWriter } from "./format/logdir_writer.ts";
+import { LogdirWriter, type LogdirWriterOptions } from "./format/logdir_writer.ts";
 import type { SegmentAppender } from "./format/segment.ts";
 import { GroupSync } from "./group_sync.ts";
 import type { BackendWriteOptions, BackendZeroOptions, BlockBackend } from "./nbd/backend.ts";
@@ -50,6 +50,8 @@ export interface DiskOpenOptions {
   segmentBytesMax?: number;
   /** Where the device and the logdir live (default: the local filesystem). */
   storage?: Storage;
+  /** Called after each entry is journaled (see {@linkcode LogdirWriterOptions.onAppend}). */
+  onAppend?: LogdirWriterOptions["onAppend"];
 }
 
 /** What opening the disk found and did. */
@@ -113,6 +115,8 @@ export class LogAssistedDisk implements BlockBackend {
   #appliedSinceCheckpointBytes = 0;
   #checkpointWanted = false;
   #applyBuffer: Uint8Array | undefined;
+  /** Seq of the last change written to the device (all before it were too). */
+  #appliedSeq = 0;
   /** A failed device write or fsync: the disk refuses everything after it. */
   #failure: Error | undefined;
 
@@ -164,6 +168,7 @@ export class LogAssistedDisk implements BlockBackend {
         device: { syncThrough: (seq) => disk!.#syncThrough(seq) },
         clock: options.clock,
         segmentBytesMax: options.segmentBytesMax,
+        onAppend: options.onAppend,
       });
       try {
         const replayedEntries = await replayOntoDevice(writer, device);
@@ -171,6 +176,7 @@ export class LogAssistedDisk implements BlockBackend {
           tornBytes: writer.recovery.tornBytes,
           replayedEntries,
         });
+        disk.#appliedSeq = writer.nextSeq - 1;
         await writer.sealRecovered();
         return disk;
       } catch (error) {
@@ -237,7 +243,7 @@ export class LogAssistedDisk implements BlockBackend {
   async write(offsetBytes: number, data: Uint8Array, options?: BackendWriteOptions): Promise<void> {
     const writer = this.#requireWriter();
     this.#assertInDevice(offsetBytes, data.length);
-    await this.#waitForRoom(writer, data.length);
+    while (!this.#hasRoom(writer, data.length)) await this.#roomChanged(writer);
     const header = writer.appendSync("write", offsetBytes, data.length, data);
     const at = writer.lastAppendedAt();
     this.#enqueue({
@@ -276,7 +282,7 @@ export class LogAssistedDisk implements BlockBackend {
   async #zeroLike(kind: "zero" | "trim", offsetBytes: number, lengthBytes: number, fua: boolean) {
     const writer = this.#requireWriter();
     this.#assertInDevice(offsetBytes, lengthBytes);
-    await this.#waitForRoom(writer, 0);
+    while (!this.#hasRoom(writer, 0)) await this.#roomChanged(writer);
     const header = writer.appendSync(kind, offsetBytes, lengthBytes);
     this.#enqueue({
       seq: header.seq,
@@ -290,25 +296,24 @@ export class LogAssistedDisk implements BlockBackend {
   }
 
   /**
-   * Waits until one more change fits the pending queue and the journal can take an append, both
-   * in the same synchronous step as the caller's append that follows.
+   * True when one more change of `payloadBytes` fits the pending queue and the journal can take
+   * an append now. Callers append in the same synchronous step as the check that said so.
    */
-  async #waitForRoom(writer: LogdirWriter, payloadBytes: number): Promise<void> {
-    for (;;) {
-      this.#throwIfFailed();
-      const pending = this.pendingChanges;
-      const full = pending >= PENDING_CHANGES_MAX ||
-        (pending > 0 && this.#pendingBytes + payloadBytes > PENDING_BYTES_MAX);
-      if (full) {
-        await new Promise<void>((resolve) => this.#roomWaiters.push(resolve));
-        continue;
-      }
-      if (!writer.canAppend) {
-        await writer.ready();
-        continue;
-      }
+  #hasRoom(writer: LogdirWriter, payloadBytes: number): boolean {
+    this.#throwIfFailed();
+    const pending = this.pendingChanges;
+    const full = pending >= PENDING_CHANGES_MAX ||
+      (pending > 0 && this.#pendingBytes + payloadBytes > PENDING_BYTES_MAX);
+    return !full && writer.canAppend;
+  }
+
+  /** Waits for what {@linkcode #hasRoom} lacked: the applier to drain, or a seal to end. */
+  async #roomChanged(writer: LogdirWriter): Promise<void> {
+    if (!writer.canAppend) {
+      await writer.ready();
       return;
     }
+    await new Promise<void>((resolve) => this.#roomWaiters.push(resolve));
   }
 
   #enqueue(change: PendingChange): void {
@@ -424,6 +429,7 @@ export class LogAssistedDisk implements BlockBackend {
         throw error;
       }
       this.#pendingHead++;
+      this.#appliedSeq = change.seq;
       if (change.kind === "write") this.#pendingBytes -= change.lengthBytes;
       this.#appliedSinceCheckpointBytes += change.lengthBytes;
       sliceBytes += change.lengthBytes;
@@ -462,13 +468,6 @@ export class LogAssistedDisk implements BlockBackend {
     for (const wake of waiters) wake();
   }
 
-  /** Every change up to the returned seq is on the device (in its page cache at least). */
-  #appliedThroughSeq(): number {
-    return this.pendingChanges === 0
-      ? this.#requireWriter().nextSeq - 1
-      : this.#pending[this.#pendingHead].seq - 1;
-  }
-
   #startCheckpoint(): void {
     if (!this.#checkpointWanted || this.#failure !== undefined) return;
     this.#checkpointGroup.request().catch((error) => this.#fail(error));
@@ -478,7 +477,9 @@ export class LogAssistedDisk implements BlockBackend {
   async #checkpointOnce(): Promise<void> {
     this.#checkpointWanted = false;
     this.#appliedSinceCheckpointBytes = 0;
-    const throughSeq = this.#appliedThroughSeq();
+    // The last change written, not the last entry: a mark or flush after it may not be durable,
+    // and the record must never claim more than the journal can be trusted to hold.
+    const throughSeq = this.#appliedSeq;
     await this.device.sync();
     this.#requireWriter().noteDeviceSynced(throughSeq);
   }

@@ -6,7 +6,7 @@
  */
 import { encodeMarkName } from "./disk.ts";
 import { BusyError } from "./errors.ts";
-import { LogdirWriter } from "./format/logdir_writer.ts";
+import { LogdirWriter, type LogdirWriterOptions } from "./format/logdir_writer.ts";
 import { requestMark } from "./control.ts";
 import type { Storage } from "./storage/storage.ts";
 
@@ -16,6 +16,8 @@ export interface MarkOptions {
   storage?: Storage;
   /** Wall clock in µs (tests inject one). */
   clock?: () => number;
+  /** Called after the mark is appended (see {@linkcode LogdirWriterOptions.onAppend}). */
+  onAppend?: LogdirWriterOptions["onAppend"];
   /**
    * How to reach the writer that holds the logdir (a running `watch`); undefined when none
    * listens. Default: its control socket.
@@ -54,6 +56,7 @@ export async function addMark(
       purpose: "mark",
       storage: options.storage,
       clock: options.clock,
+      onAppend: options.onAppend,
     });
   } catch (error) {
     if (!(error instanceof BusyError)) throw error;

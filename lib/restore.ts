@@ -19,12 +19,7 @@ import {
   fileTarget,
 } from "./sparse_copy.ts";
 import { realStorage } from "./storage/real_storage.ts";
-import {
-  parentOf,
-  type Storage,
-  type StorageFile,
-  unlinkIfExists,
-} from "./storage/storage.ts";
+import { parentOf, type Storage, type StorageFile, unlinkIfExists } from "./storage/storage.ts";
 import { resolveRestorePoint } from "./timeline.ts";
 import type { TimeSpec } from "./time.ts";
 

@@ -255,6 +255,9 @@ async function installBase(
     // Segments sealed by a running writer during the copy hold entries the new base replays.
     const kept = (current?.segments ?? []).filter((s) => s.firstSeq >= base.replayFromSeq);
     const dropped = (current?.segments ?? []).filter((s) => s.firstSeq < base.replayFromSeq);
+    // No entry the new base already holds may be stamped after its horizon: a clock that stepped
+    // back can leave the copy's end before them.
+    const horizonUs = Math.max(endedUs, dropped.at(-1)?.lastUs ?? endedUs);
     const manifest: Manifest = {
       format: MANIFEST_FORMAT,
       formatVersion: MANIFEST_FORMAT_VERSION,
@@ -263,8 +266,8 @@ async function installBase(
       createdUs: current?.createdUs ?? base.startedUs,
       deviceBytes,
       sectorBytes: SECTOR_BYTES,
-      base,
-      horizonUs: endedUs,
+      base: { ...base, endedUs: horizonUs },
+      horizonUs,
       levels: [],
       segments: kept,
       compactedMarks: [],

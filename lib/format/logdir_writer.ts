@@ -68,6 +68,12 @@ export interface LogdirWriterOptions {
   journalOnly?: boolean;
   /** Wall clock in µs (tests inject one). */
   clock?: () => number;
+  /**
+   * Called after each entry is appended (to the page cache, not yet durable), in seq order, with
+   * its header and payload (lent: copy what you keep). For counters and for tests that follow
+   * the log as it is written.
+   */
+  onAppend?: (header: EntryHeader, payload: Uint8Array | undefined) => void;
   /** Seal the live segment at this size. */
   segmentBytesMax?: number;
   /**
@@ -155,7 +161,10 @@ export class LogdirWriter {
   #appender: SegmentAppender;
   #live: LiveStats;
   #nextSeq: number;
+  /** The floor of new stamps: the last entry's time, and never before the horizon. */
   #lastTimeUs: number;
+  /** The last entry's time (MIN when unknown): entries that arrive stamped follow it. */
+  #lastEntryUs: number;
   #options: LogdirWriterOptions;
   /** The background seal of the previous segment, while it runs. */
   #sealing: Promise<void> | undefined;
@@ -181,6 +190,7 @@ export class LogdirWriter {
     appender: SegmentAppender;
     live: LiveStats;
     lastTimeUs: number;
+    lastEntryUs: number;
     options: LogdirWriterOptions;
     recovery: RecoveryReport;
     record: SyncRecordFile;
@@ -194,6 +204,7 @@ export class LogdirWriter {
     this.#live = init.live;
     this.#nextSeq = init.live.firstSeq + init.live.entries;
     this.#lastTimeUs = init.lastTimeUs;
+    this.#lastEntryUs = init.lastEntryUs;
     this.#options = init.options;
     this.recovery = init.recovery;
     this.#record = init.record;
@@ -301,7 +312,11 @@ export class LogdirWriter {
           firstUs: liveKept?.info.firstUs ?? 0,
           lastUs: liveKept?.info.lastUs ?? 0,
         },
-        lastTimeUs: scan.lastTimeUs,
+        // New stamps never go back: not before the last entry, nor before the horizon.
+        lastTimeUs: Math.max(scan.lastTimeUs, manifest.horizonUs),
+        // Entries that arrive with their stamps (a receiver's) follow the entry before them only:
+        // after a new base, the writer that stamped them may be behind its horizon.
+        lastEntryUs: scan.lastTimeUs,
         options,
         record: recordFile,
         deviceSyncedSeq,
@@ -409,9 +424,9 @@ export class LogdirWriter {
    * re-encoded byte-identically, so checksums travel unchanged.
    */
   appendExisting(header: EntryHeader, payload?: Uint8Array): void {
-    if (header.seq !== this.#nextSeq || header.timeUs < this.#lastTimeUs) {
+    if (header.seq !== this.#nextSeq || header.timeUs < this.#lastEntryUs) {
       throw new IntegrityError(
-        `Cannot append entry seq ${header.seq} at ${header.timeUs} µs to ${this.logdir}: expected seq ${this.#nextSeq} at or after ${this.#lastTimeUs} µs`,
+        `Cannot append entry seq ${header.seq} at ${header.timeUs} µs to ${this.logdir}: expected seq ${this.#nextSeq} at or after ${this.#lastEntryUs} µs`,
       );
     }
     this.#beforeAppend();
@@ -429,7 +444,7 @@ export class LogdirWriter {
    */
   appendExistingRun(bytes: Uint8Array, headers: readonly EntryHeader[]): number {
     let expectedSeq = this.#nextSeq;
-    let previousUs = this.#lastTimeUs;
+    let previousUs = this.#lastEntryUs;
     let entryBytesTotal = 0;
     for (const header of headers) {
       if (header.seq !== expectedSeq || header.timeUs < previousUs) {
@@ -458,9 +473,19 @@ export class LogdirWriter {
         end++;
       }
       this.#appender.appendRun(bytes.subarray(position, endPosition), endPosition - position);
-      for (let i = appended; i < end; i++) this.#appended(headers[i]);
+      for (let i = appended; i < end; i++) {
+        this.#appended(headers[i]);
+        if (this.#options.onAppend !== undefined) {
+          const payloadAt = position + ENTRY_HEADER_BYTES;
+          this.#options.onAppend(
+            headers[i],
+            bytes.subarray(payloadAt, payloadAt + headers[i].payloadBytes),
+          );
+        }
+        position += ENTRY_HEADER_BYTES + headers[i].payloadBytes;
+      }
       appended = end;
-      position = endPosition;
+      assert(position === endPosition, "run entries and bytes disagree");
     }
     return appended;
   }
@@ -475,11 +500,13 @@ export class LogdirWriter {
     this.#lastAppendAt = this.#appender.sizeBytes;
     this.#appender.append(header, payload);
     this.#appended(header);
+    this.#options.onAppend?.(header, payload);
   }
 
   #appended(header: EntryHeader): void {
     this.#nextSeq++;
-    this.#lastTimeUs = header.timeUs;
+    this.#lastTimeUs = Math.max(this.#lastTimeUs, header.timeUs);
+    this.#lastEntryUs = header.timeUs;
     if (this.#live.entries === 0) this.#live.firstUs = header.timeUs;
     this.#live.entries++;
     this.#live.lastUs = header.timeUs;
@@ -660,7 +687,9 @@ async function scanTail(
   const scan: TailScan = {
     kept: [],
     beyond: [],
-    lastTimeUs: manifest.segments.at(-1)?.lastUs ?? manifest.horizonUs,
+    // Time order is checked between entries: entries of the live segment may be stamped before
+    // the horizon (a new base copied while they were written holds them, and replays them).
+    lastTimeUs: manifest.segments.at(-1)?.lastUs ?? Number.MIN_SAFE_INTEGER,
     lastChangeSeq: 0,
   };
   let expectedSeq = sealedNextSeq;

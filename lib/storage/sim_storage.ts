@@ -204,6 +204,37 @@ export class SimDisk {
     return this.#lastReport;
   }
 
+  /**
+   * A new simulated disk holding a copy of this one's durable state (what a power cut that loses
+   * every unsynced change would leave), to examine without disturbing this one.
+   */
+  copyDurable(seed: number): SimDisk {
+    const copy = new SimDisk({ seed });
+    const files = new Map<FileNode, FileNode>();
+    const copyDir = (from: DirNode, to: DirNode) => {
+      for (const [name, node] of from.durable) {
+        let copied: Node;
+        if (node.kind === "directory") {
+          copied = new DirNode();
+          copyDir(node, copied);
+        } else {
+          let file = files.get(node);
+          if (file === undefined) {
+            file = new FileNode();
+            file.durable = node.durable.clone();
+            file.current = node.durable.clone();
+            files.set(node, file);
+          }
+          copied = file;
+        }
+        to.durable.set(name, copied);
+        to.entries.set(name, copied);
+      }
+    };
+    copyDir(this.#root, copy.#root);
+    return copy;
+  }
+
   /** A storage for a new process of the current generation. */
   process(): SimStorage {
     return new SimStorage(this, this.#generation);
