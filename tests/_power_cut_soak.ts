@@ -44,7 +44,7 @@ import { addMark } from "../lib/mark.ts";
 import { restoreAt } from "../lib/restore.ts";
 import { HostStore } from "../lib/ship/host_store.ts";
 import { takeSnapshot } from "../lib/snapshot.ts";
-import { SimRandom } from "../lib/storage/sim_random.ts";
+import type { SimRandom } from "../lib/storage/sim_random.ts";
 import {
   type CutMode,
   PowerCutError,
