@@ -671,7 +671,7 @@ class Soak {
       for (const level of manifest.levels) {
         const bytes = readWholeFile(storage, `${LOGDIR}/levels/${level.file}`);
         install.levelBegin(level.file);
-        install.levelChunk(0, bytes);
+        if (bytes.length > 0) install.levelChunk(0, bytes);
         await install.levelEnd(crc32cHex(crc32c(bytes)));
       }
       await install.commit();

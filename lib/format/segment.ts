@@ -20,7 +20,7 @@ import {
 
 /** A segment is sealed once it reaches this size (the entry that crosses it is the last). */
 export const SEGMENT_BYTES_MAX = 64 * 1024 * 1024;
-/** Read buffer of a scanner; it grows to hold one maximal entry when it must. */
+/** Read-ahead of a scanner reading payloads; it grows to hold one maximal entry when it must. */
 export const SCAN_BUFFER_BYTES = 8 * 1024 * 1024;
 /** A header scan reads this much at once while payloads stay small. */
 const HEADER_SCAN_WINDOW_BYTES = 256 * 1024;
@@ -93,7 +93,8 @@ export class SegmentScanner {
   readonly path: string;
   #options: SegmentScanOptions;
   #storage: Storage;
-  #buffer = new Uint8Array(SCAN_BUFFER_BYTES);
+  /** Grown on demand, up to one read-ahead window (bounded by the file size). */
+  #buffer = new Uint8Array(0);
   #lastPayloadBytes = 0;
   /** The file range the buffer holds. */
   #windowStart = 0;
@@ -203,13 +204,15 @@ export class SegmentScanner {
     if (position >= this.#windowStart && position + length <= this.#windowEnd) {
       return position - this.#windowStart;
     }
-    if (this.#buffer.length < length) this.#buffer = new Uint8Array(length);
     const aheadBytes = this.#options.headersOnly === true
       ? HEADER_SCAN_WINDOW_BYTES
-      : this.#buffer.length;
+      : SCAN_BUFFER_BYTES;
     const readBytes = readAhead
       ? Math.max(length, Math.min(aheadBytes, endBytes - position))
       : length;
+    if (this.#buffer.length < readBytes) {
+      this.#buffer = new Uint8Array(Math.max(readBytes, Math.min(aheadBytes, endBytes)));
+    }
     readFully(file, this.#buffer, readBytes, position);
     this.#windowStart = position;
     this.#windowEnd = position + readBytes;
