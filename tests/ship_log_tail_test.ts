@@ -1,9 +1,11 @@
 import assert from "node:assert/strict";
 import { crc32c } from "../lib/checksum.ts";
 import { readManifest } from "../lib/format/logdir.ts";
+import { LogdirWriter } from "../lib/format/logdir_writer.ts";
 import { LogTail } from "../lib/ship/log_tail.ts";
+import { takeSnapshot } from "../lib/snapshot.ts";
 import { applyFromSeq } from "../lib/timeline.ts";
-import { withSeed, withTempDir } from "./_helpers.ts";
+import { makeImage, withSeed, withTempDir } from "./_helpers.ts";
 import { makeSource, writeEntries } from "./_ship_harness.ts";
 
 async function openTail(logdir: string): Promise<LogTail> {
@@ -48,5 +50,32 @@ Deno.test("LogTail.nextRun() hands out the entries next() does, in runs with the
       assert.equal(actual.length, expected.length, "every entry was handed out");
       assert.deepEqual(actual, expected);
     });
+  });
+});
+
+Deno.test("LogTail hands out only entries the source holds durably (sealed or fsynced)", async () => {
+  await withTempDir(async (dir) => {
+    const device = `${dir}/disk.img`;
+    const logdir = `${dir}/log`;
+    await makeImage(device, 65536);
+    await takeSnapshot(device, logdir, { hostId: "t" });
+    const writer = await LogdirWriter.open(logdir, { purpose: "test", journalOnly: true });
+    try {
+      const tail = await openTail(logdir);
+      writer.appendSync("write", 0, 512, new Uint8Array(512).fill(1));
+      writer.appendSync("write", 512, 512, new Uint8Array(512).fill(2));
+      // In the page cache only: a power cut at the source could take them back.
+      assert.equal(await tail.next(), undefined);
+      await writer.sync();
+      assert.equal((await tail.next())?.header.seq, 1);
+      assert.equal((await tail.next())?.header.seq, 2);
+      writer.appendSync("mark", 0, 0, new TextEncoder().encode("unsynced"));
+      assert.equal(await tail.next(), undefined);
+      await writer.rotate(); // sealed: durable
+      assert.equal((await tail.next())?.header.kind, "mark");
+      tail.close();
+    } finally {
+      await writer.close();
+    }
   });
 });

@@ -16,8 +16,21 @@ import {
   type EntryHeader,
   payloadMatches,
 } from "../format/entry.ts";
-import { listSegments, SEGMENTS_DIR } from "../format/logdir.ts";
-import { type Manifest, nextSeqAfterSealed } from "../format/manifest.ts";
+import {
+  listSegments,
+  MANIFEST_FILE,
+  readLogdirSyncRecord,
+  SEGMENTS_DIR,
+} from "../format/logdir.ts";
+import {
+  decodeManifest,
+  type Manifest,
+  MANIFEST_BYTES_MAX,
+  nextSeqAfterSealed,
+} from "../format/manifest.ts";
+import { SYNC_RECORD_FILE } from "../format/sync_record.ts";
+import { realStorage } from "../storage/real_storage.ts";
+import { readTextFile } from "../storage/storage.ts";
 import { readFully } from "../fd_io.ts";
 import { parseSegmentFileName, segmentFileName } from "../format/segment.ts";
 import { applyFromSeq } from "../timeline.ts";
@@ -140,6 +153,8 @@ export class LogTail {
   #bufferStart = 0;
   #bufferBytes = 0;
   #lastTimeUs: number | undefined;
+  /** Entries up to this seq are durable at the source (sealed, or fsynced as its record says). */
+  #durableThroughSeq = 0;
 
   private constructor(logdir: string, location: SeqLocation, seq: number) {
     this.logdir = logdir;
@@ -307,6 +322,11 @@ export class LogTail {
         { path: this.#path, offsetBytes: this.#position },
       );
     }
+    // Only what the source holds durably leaves it: an unsynced entry may be gone after a power
+    // cut there, and its seq taken by another, while the receiver kept it.
+    if (header.seq > this.#durableThroughSeq && !this.#refreshDurable(header.seq)) {
+      return this.#notYet();
+    }
     const totalBytes = ENTRY_HEADER_BYTES + header.payloadBytes;
     if (!options.refill && (totalBytes > options.maxBytes || !this.#isBuffered(totalBytes))) {
       return undefined;
@@ -320,6 +340,28 @@ export class LogTail {
     this.#nextSeq++;
     this.#lastTimeUs = header.timeUs;
     return { header, bytes, headerCrc32c };
+  }
+
+  /**
+   * Re-reads how far the source is durable (its manifest's sealed segments and its sync record)
+   * and says whether `seq` is within. A logdir without a sync record (written by an older
+   * sectorlog) is trusted as far as its entries are whole.
+   */
+  #refreshDurable(seq: number): boolean {
+    let sealedThroughSeq = 0;
+    try {
+      const path = join(this.logdir, MANIFEST_FILE);
+      const manifest = decodeManifest(readTextFile(realStorage, path, MANIFEST_BYTES_MAX), path);
+      sealedThroughSeq = nextSeqAfterSealed(manifest) - 1;
+    } catch {
+      // A manifest being replaced: the record alone says, or the next poll does.
+    }
+    const record = readLogdirSyncRecord(this.logdir);
+    const recordMissing = record === undefined &&
+      realStorage.stat(join(this.logdir, SYNC_RECORD_FILE)) === undefined;
+    const syncedSeq = recordMissing ? Number.MAX_SAFE_INTEGER : record?.journalSyncedSeq ?? 0;
+    this.#durableThroughSeq = Math.max(this.#durableThroughSeq, sealedThroughSeq, syncedSeq);
+    return seq <= this.#durableThroughSeq;
   }
 
   /** Nothing whole at the position yet (or a write in progress): forget the read-ahead. */
