@@ -176,7 +176,7 @@ export class LogAssistedDisk implements BlockBackend {
           tornBytes: writer.recovery.tornBytes,
           replayedEntries,
         });
-        disk.#appliedSeq = writer.nextSeq - 1;
+        disk.#appliedSeq = writer.recovery.lastChangeSeq;
         await writer.sealRecovered();
         return disk;
       } catch (error) {
@@ -549,6 +549,7 @@ async function replayOntoDevice(writer: LogdirWriter, device: Device): Promise<n
     }
     await device.sync();
   }
-  writer.noteDeviceSynced(writer.nextSeq - 1);
+  // The claim names the last change, not a later mark or flush (see #checkpointOnce).
+  writer.noteDeviceSynced(writer.recovery.lastChangeSeq);
   return replayed;
 }
