@@ -257,11 +257,21 @@ export async function compactLogdir(
       : await sealLiveSegment(logdir, "compact", options);
     options.onStep?.("sealed");
     const manifest = await readManifest(logdir, storage);
-    const plan = await planCompaction(logdir, manifest, options, { includeLive: false });
-    plan.seal = seal;
-    plan.removedLeftovers = removedLeftovers;
-    const outcome = await executePlan(logdir, plan, options);
-    return finish(plan, { dryRun: false, startedMs, outcome });
+    try {
+      const plan = await planCompaction(logdir, manifest, options, { includeLive: false });
+      plan.seal = seal;
+      plan.removedLeftovers = removedLeftovers;
+      const outcome = await executePlan(logdir, plan, options);
+      return finish(plan, { dryRun: false, startedMs, outcome });
+    } catch (error) {
+      // A file gone because a new base replaced the one planned for is no corruption.
+      if (!(error instanceof IntegrityError)) throw error;
+      const now = await readManifest(logdir, storage).catch(() => undefined);
+      if (now === undefined || now.base.file === manifest.base.file) throw error;
+      throw new BusyError(
+        `Cannot compact ${logdir}: a new base snapshot was installed while compaction ran; nothing was changed, run compact again`,
+      );
+    }
   } finally {
     lock.release();
   }

@@ -23,6 +23,7 @@
  * @module
  */
 import { setImmediate } from "node:timers";
+import { concatBytes } from "../lib/byte_sink.ts";
 import { crc32c, crc32cHex } from "../lib/checksum.ts";
 import { compactLogdir } from "../lib/compact.ts";
 import { BusyError, IntegrityError } from "../lib/errors.ts";
@@ -51,7 +52,7 @@ import {
   SimDisk,
   type SimStorage,
 } from "../lib/storage/sim_storage.ts";
-import { readFully, type Storage, StorageNotFound } from "../lib/storage/storage.ts";
+import { readFileBytes, type Storage, StorageNotFound } from "../lib/storage/storage.ts";
 import { applyFromSeq } from "../lib/timeline.ts";
 import { verifyLogdir } from "../lib/verify.ts";
 
@@ -201,17 +202,6 @@ function firstDifference(a: Uint8Array, b: Uint8Array): number {
   if (a.length !== b.length) return Math.min(a.length, b.length);
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return i;
   return -1;
-}
-
-function readWholeFile(storage: Storage, path: string): Uint8Array {
-  const file = storage.open(path);
-  try {
-    const bytes = new Uint8Array(file.sizeBytes());
-    readFully(file, bytes, bytes.length, 0);
-    return bytes;
-  } finally {
-    file.close();
-  }
 }
 
 function describeError(error: unknown): string {
@@ -640,7 +630,7 @@ class Soak {
     let index = 0;
     while (index < headers.length) {
       await writer.ready();
-      const run = concat(chunks.slice(index));
+      const run = concatBytes(chunks.slice(index));
       index += writer.appendExistingRun(run, headers.slice(index));
     }
     if (headers.length === 0) return;
@@ -665,11 +655,19 @@ class Soak {
       baseIncluded: true,
     });
     try {
-      const base = readWholeFile(storage, `${LOGDIR}/${manifest.base.file}`);
+      const base = readFileBytes(
+        storage,
+        `${LOGDIR}/${manifest.base.file}`,
+        Number.MAX_SAFE_INTEGER,
+      );
       install.baseChunk(0, base);
       await install.baseEnd(manifest.base.crc32c);
       for (const level of manifest.levels) {
-        const bytes = readWholeFile(storage, `${LOGDIR}/levels/${level.file}`);
+        const bytes = readFileBytes(
+          storage,
+          `${LOGDIR}/levels/${level.file}`,
+          Number.MAX_SAFE_INTEGER,
+        );
         install.levelBegin(level.file);
         if (bytes.length > 0) install.levelChunk(0, bytes);
         await install.levelEnd(crc32cHex(crc32c(bytes)));
@@ -736,7 +734,7 @@ class Soak {
     }
     this.#history.truncate(lastSeq);
     const model = this.#history.modelAt(this.#initial, lastSeq, Number.MAX_SAFE_INTEGER);
-    const device = readWholeFile(storage, DEVICE);
+    const device = readFileBytes(storage, DEVICE, Number.MAX_SAFE_INTEGER);
     const at = firstDifference(device, model);
     if (at >= 0) {
       this.#violation(`after recovery the device differs from the journal at offset ${at}`);
@@ -802,7 +800,7 @@ class Soak {
         this.#violation(`restore --at ${timeUs ?? "latest"} failed: ${describeError(error)}`);
         continue;
       }
-      const image = readWholeFile(storage, output);
+      const image = readFileBytes(storage, output, Number.MAX_SAFE_INTEGER);
       const model = this.#history.modelAt(
         this.#initial,
         lastSeq,
@@ -874,17 +872,6 @@ class Soak {
 
 function rangeKey(kind: string, offsetBytes: number, lengthBytes: number): string {
   return `${kind}:${offsetBytes}:${lengthBytes}`;
-}
-
-function concat(chunks: Uint8Array[]): Uint8Array {
-  const total = chunks.reduce((sum, chunk) => sum + chunk.length, 0);
-  const bytes = new Uint8Array(total);
-  let at = 0;
-  for (const chunk of chunks) {
-    bytes.set(chunk, at);
-    at += chunk.length;
-  }
-  return bytes;
 }
 
 export type { CutMode };

@@ -16,23 +16,12 @@ import { addMark } from "../lib/mark.ts";
 import { restoreAt } from "../lib/restore.ts";
 import { takeSnapshot } from "../lib/snapshot.ts";
 import { CUT_MODES, type CutMode, PowerCutError, SimDisk } from "../lib/storage/sim_storage.ts";
-import { readFully, type Storage } from "../lib/storage/storage.ts";
+import { readFileBytes } from "../lib/storage/storage.ts";
 import { verifyLogdir } from "../lib/verify.ts";
 import { FakeClock, makeImage, readAll, withTempDir } from "./_helpers.ts";
 
 const WRITE_BYTES = 512;
 const ENTRY_BYTES = ENTRY_HEADER_BYTES + WRITE_BYTES;
-
-function readAllOf(storage: Storage, path: string): Uint8Array {
-  const file = storage.open(path);
-  try {
-    const bytes = new Uint8Array(file.sizeBytes());
-    readFully(file, bytes, bytes.length, 0);
-    return bytes;
-  } finally {
-    file.close();
-  }
-}
 
 /** A logdir with a base snapshot of a 64 KiB image of zeroes. */
 async function makeLogdir(
@@ -123,8 +112,12 @@ Deno.test("LogAssistedDisk: after a power cut at any operation, the device equal
       await lad.close();
       await restoreAt("/s/log", "/s/latest.img", { storage, nowUs: clock.nowUs + 1 });
       const what = `${fileMode} cut at operation ${cutAt}`;
-      const onDevice = readAllOf(storage, "/s/disk.img");
-      assert.deepEqual(onDevice, readAllOf(storage, "/s/latest.img"), `${what}: device = restore`);
+      const onDevice = readFileBytes(storage, "/s/disk.img", Number.MAX_SAFE_INTEGER);
+      assert.deepEqual(
+        onDevice,
+        readFileBytes(storage, "/s/latest.img", Number.MAX_SAFE_INTEGER),
+        `${what}: device = restore`,
+      );
       for (const fill of durable) {
         const sector = onDevice.subarray(fill * WRITE_BYTES, (fill + 1) * WRITE_BYTES);
         assert.ok(

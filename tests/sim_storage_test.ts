@@ -13,6 +13,7 @@ import {
   SimDisk,
 } from "../lib/storage/sim_storage.ts";
 import {
+  readFileBytes,
   readFully,
   readTextFile,
   replaceFileDurably,
@@ -21,16 +22,8 @@ import {
 } from "../lib/storage/storage.ts";
 import { withTempDir } from "./_helpers.ts";
 
-function readAllOf(storage: Storage, path: string): Uint8Array {
-  const file = storage.open(path);
-  try {
-    const bytes = new Uint8Array(file.sizeBytes());
-    readFully(file, bytes, bytes.length, 0);
-    return bytes;
-  } finally {
-    file.close();
-  }
-}
+const wholeFile = (storage: Storage, path: string) =>
+  readFileBytes(storage, path, Number.MAX_SAFE_INTEGER);
 
 /** Runs `body` against the real filesystem (in a temp dir) and against a simulated disk. */
 function bothStorages(name: string, body: (storage: Storage, dir: string) => Promise<void>) {
@@ -68,7 +61,7 @@ bothStorages("Storage names: readDir, rename, link, unlink, removeTree", async (
   storage.rename(join(dir, "sub/a"), join(dir, "sub/b"));
   storage.link(join(dir, "sub/b"), join(dir, "sub/c"));
   assert.deepEqual(storage.readDir(join(dir, "sub")).sort(), ["b", "c", "deeper"]);
-  assert.deepEqual([...readAllOf(storage, join(dir, "sub/c"))], [7]);
+  assert.deepEqual([...wholeFile(storage, join(dir, "sub/c"))], [7]);
   storage.unlink(join(dir, "sub/b"));
   assert.throws(() => storage.unlink(join(dir, "sub/b")), StorageNotFound);
   assert.throws(() => storage.open(join(dir, "sub/b")), StorageNotFound);
@@ -118,7 +111,7 @@ Deno.test("SimDisk: synced data survives every cut mode, unsynced data only some
     disk.powerCut({ fileMode, dirMode: "lose-all" });
     assert.ok(!storage.alive);
     assert.throws(() => file.sizeBytes(), PowerCutError, "the old process is dead");
-    const after = readAllOf(disk.process(), "/f");
+    const after = wholeFile(disk.process(), "/f");
     assert.deepEqual(after.subarray(0, 1024), new Uint8Array(1024).fill(1), fileMode);
     if (fileMode === "lose-all") assert.equal(after.length, 1024);
     if (fileMode === "keep-all") {
@@ -138,7 +131,7 @@ Deno.test("SimDisk tears unsynced writes at sector granularity, never within a s
     await storage.syncDirectory("/");
     file.write(new Uint8Array(4 * SIM_SECTOR_BYTES).fill(2), 4 * SIM_SECTOR_BYTES, 0);
     disk.powerCut({ fileMode: "random", dirMode: "keep-all" });
-    const after = readAllOf(disk.process(), "/f");
+    const after = wholeFile(disk.process(), "/f");
     const sectors = new Set<number>();
     for (let sector = 0; sector < 4; sector++) {
       const values = new Set(after.subarray(sector * 512, (sector + 1) * 512));
@@ -179,7 +172,7 @@ Deno.test("SimDisk: a fsync covers what was written before it, not after", async
   file.write(new Uint8Array([2]), 1, 1); // while the fsync runs
   await sync;
   disk.powerCut({ fileMode: "lose-all", dirMode: "lose-all" });
-  assert.deepEqual([...readAllOf(disk.process(), "/f")], [1]);
+  assert.deepEqual([...wholeFile(disk.process(), "/f")], [1]);
 });
 
 Deno.test("SimDisk cuts at a chosen operation and replays the same run from its seed", async () => {
@@ -199,7 +192,7 @@ Deno.test("SimDisk cuts at a chosen operation and replays the same run from its 
     } catch (error) {
       assert.ok(error instanceof PowerCutError);
     }
-    return { written, after: [...readAllOf(disk.process(), "/f")] };
+    return { written, after: [...wholeFile(disk.process(), "/f")] };
   };
   const first = await run(11);
   assert.ok(first.written < 100, "the cut came");

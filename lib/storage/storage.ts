@@ -114,8 +114,8 @@ export function readFully(
   }
 }
 
-/** Reads a whole (small) file as UTF-8 text, refusing one over `bytesMax`. */
-export function readTextFile(storage: Storage, path: string, bytesMax: number): string {
+/** Reads a whole file, refusing one over `bytesMax` with a RangeError. */
+export function readFileBytes(storage: Storage, path: string, bytesMax: number): Uint8Array {
   const file = storage.open(path);
   try {
     const sizeBytes = file.sizeBytes();
@@ -123,17 +123,21 @@ export function readTextFile(storage: Storage, path: string, bytesMax: number): 
       throw new RangeError(`${path} is ${sizeBytes} bytes, more than the ${bytesMax} allowed`);
     }
     const bytes = new Uint8Array(sizeBytes);
-    const n = sizeBytes === 0 ? 0 : file.read(bytes, sizeBytes, 0);
-    let done = n;
+    let done = 0;
     while (done < sizeBytes) {
-      const more = file.read(bytes.subarray(done), sizeBytes - done, done);
-      if (more === 0) break;
-      done += more;
+      const n = file.read(bytes.subarray(done), sizeBytes - done, done);
+      if (n === 0) break; // it shrank meanwhile
+      done += n;
     }
-    return new TextDecoder().decode(bytes.subarray(0, done));
+    return bytes.subarray(0, done);
   } finally {
     file.close();
   }
+}
+
+/** Reads a whole (small) file as UTF-8 text, refusing one over `bytesMax`. */
+export function readTextFile(storage: Storage, path: string, bytesMax: number): string {
+  return new TextDecoder().decode(readFileBytes(storage, path, bytesMax));
 }
 
 /**
